@@ -1,0 +1,1 @@
+"""The write side: deals decided from prospect actions, kept as an event log."""
