@@ -33,7 +33,7 @@ def settled_histories(draw: st.DrawFn) -> list[Input]:
     hours = iter(draw(st.permutations(range(1, count + 1))))
     items = [Input("created", "deal.created", at(next(hours)), {"owner": "r"})]
     for action in ACTIONS:
-        if draw(st.booleans()) or action == "discovery_call.agreed":
+        if draw(st.integers(0, 9)) or action == "discovery_call.agreed":
             items.append(Input(f"a-{action}", action, at(next(hours))))
     for criterion in ("budget", "authority", "need", "timeline"):
         times = sorted(next(hours) for _ in range(draw(st.integers(0, 2))))
@@ -46,7 +46,7 @@ def settled_histories(draw: st.DrawFn) -> list[Input]:
                     {"criterion": criterion, "status": "unknown"},
                 )
             )
-        if draw(st.integers(0, 4)):  # confirmed more often than not
+        if draw(st.integers(0, 9)):  # mostly confirmed, so deals get far
             hour = max([*times, 0]) + count + 1 + len(items)
             items.append(
                 Input(
@@ -56,7 +56,7 @@ def settled_histories(draw: st.DrawFn) -> list[Input]:
                     {"criterion": criterion, "status": "confirmed"},
                 )
             )
-    if draw(st.booleans()):
+    if draw(st.integers(0, 9)):
         items.append(
             Input(
                 "next",
@@ -66,7 +66,7 @@ def settled_histories(draw: st.DrawFn) -> list[Input]:
             )
         )
     for fact in ("value.agreed", "decision_process.mapped"):
-        if draw(st.integers(0, 3)):
+        if draw(st.integers(0, 9)):
             items.append(Input(f"f-{fact}", fact, at(next(hours))))
     for i in range(draw(st.integers(0, 4))):
         items.append(Input(f"s-{i}", draw(st.sampled_from(SIGNALS)), at(next(hours))))
