@@ -255,7 +255,7 @@ class ProcessCatalog:
     def knows(self, key: str) -> bool:
         return key in self._versions
 
-    def keys(self) -> list[str]:
+    def process_keys(self) -> list[str]:
         return sorted(self._versions)
 
     def versions(self, key: str) -> list[Process]:

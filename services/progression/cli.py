@@ -1,0 +1,120 @@
+"""The `progression` command.
+
+progression run        migrate, then serve the API (the embedded default)
+progression serve      serve the API on an already migrated database
+progression migrate    bring the event log's schema to the newest version
+progression check      validate the settings and every process file
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .errors import ProgressionError
+from .logs import configure_logging
+from .security import refuse_open_bind
+from .settings import Settings, load_settings
+
+log = logging.getLogger("progression")
+
+
+def _serve(settings: Settings) -> int:
+    from .api import create_app
+    from .service import Service
+
+    service = Service.start(settings)
+    refuse_open_bind(settings.host, service.credentials_configured)
+    data = (
+        str(settings.data_dir.resolve())
+        if settings.database_url is None
+        else "(external database)"
+    )
+    log.info(
+        "progression listening url=http://%s:%d database=%s data_dir=%s processes=%s",
+        settings.host,
+        settings.port,
+        service.engine.url.render_as_string(hide_password=True),
+        data,
+        ",".join(service.catalog.process_keys()),
+    )
+    config = uvicorn.Config(
+        create_app(service),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+    service.engine.dispose()
+    log.info("progression stopped")
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    from .db import create_engine, migrate
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    migrate(engine)
+    log.info(
+        "event log migrated database=%s",
+        engine.url.render_as_string(hide_password=True),
+    )
+    engine.dispose()
+    return 0
+
+
+def _check(settings: Settings) -> int:
+    from .contract import Contract
+    from .process import load_process_dir
+
+    contract = Contract(settings.schemas_dir)
+    for process in load_process_dir(
+        settings.resolved_processes_dir, contract.process_schema
+    ):
+        log.info(
+            "process valid key=%s version=%d stages=%s",
+            process.key,
+            process.version,
+            ",".join(s.key for s in process.stages),
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="progression", description="Deal progression: the write side."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="migrate, then serve the API")
+    commands.add_parser("serve", help="serve the API")
+    commands.add_parser("migrate", help="migrate the event log's schema")
+    commands.add_parser("check", help="validate settings and process files")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        if args.command in ("run", "serve"):
+            return _serve(settings)
+        if args.command == "migrate":
+            return _migrate(settings)
+        return _check(settings)
+    except ProgressionError as exc:
+        configure_logging()
+        log.error("progression refused to start error=%r", str(exc))
+        sys.stderr.write(f"progression: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

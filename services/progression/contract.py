@@ -1,0 +1,132 @@
+"""The event contract: checking what a CRM posts against `schemas/`.
+
+An event is checked in three steps: the envelope, then its `data` against
+the schema of its type, then the rules a schema cannot state (the clock).
+Every broken rule is reported with a JSON pointer to the field, so a CRM
+admin can fix the mapping that produced it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RESERVED_PREFIX", "Contract", "canonical_digest"]
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+from .errors import ConfigurationError, InvalidEvent, Violation
+from .eventlog import NewEvent
+
+# Event ids the service gives its own decisions; a sender may not use them.
+RESERVED_PREFIX = "dealledger:"
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _pointer(parts: Iterable[Any]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _violations(errors: Iterable[ValidationError], prefix: str) -> list[Violation]:
+    ordered = sorted(errors, key=lambda e: list(map(str, e.absolute_path)))
+    return [Violation(prefix + _pointer(e.absolute_path), e.message) for e in ordered]
+
+
+def canonical_digest(content: Mapping[str, Any]) -> str:
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _utc_iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Contract:
+    """The schemas of `schemas/`, compiled once."""
+
+    def __init__(self, schemas_dir: Path) -> None:
+        self.schemas_dir = schemas_dir
+        try:
+            self._envelope = Draft202012Validator(self._load("envelope.schema.json"))
+            self.process_schema: dict[str, Any] = self._load("process.schema.json")
+            self._data = {
+                path.name.removesuffix(".schema.json"): Draft202012Validator(
+                    json.loads(path.read_text(encoding="utf-8"))
+                )
+                for path in sorted((schemas_dir / "events").glob("*.schema.json"))
+            }
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"cannot read the event schemas in {schemas_dir}: {exc}"
+            ) from exc
+
+    def _load(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(
+            (self.schemas_dir / name).read_text(encoding="utf-8")
+        )
+        return data
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(self._data)
+
+    def parse(self, raw: Any, *, now: datetime) -> NewEvent:
+        """Check one posted event and return it normalised, or raise InvalidEvent."""
+        event_id = raw.get("event_id") if isinstance(raw, dict) else None
+        event_id = event_id if isinstance(event_id, str) else None
+        violations = _violations(self._envelope.iter_errors(raw), "")
+        if violations:
+            raise InvalidEvent(violations, event_id)
+        assert isinstance(raw, dict) and event_id is not None
+
+        type_ = raw["type"]
+        validator = self._data.get(type_)
+        if validator is None:  # the envelope and the event folder disagree
+            raise InvalidEvent([Violation("/type", f"no schema for {type_!r}")])
+        violations = _violations(validator.iter_errors(raw["data"]), "/data")
+
+        if event_id.startswith(RESERVED_PREFIX):
+            violations.append(
+                Violation(
+                    "/event_id",
+                    f"ids starting with {RESERVED_PREFIX!r} are reserved for the "
+                    "service's own decisions",
+                )
+            )
+        occurred_at = datetime.fromisoformat(raw["occurred_at"]).astimezone(UTC)
+        if occurred_at - now > MAX_CLOCK_SKEW:
+            violations.append(
+                Violation(
+                    "/occurred_at",
+                    f"{raw['occurred_at']} is more than 5 minutes ahead of the "
+                    f"server's clock ({_utc_iso(now)})",
+                )
+            )
+        if violations:
+            raise InvalidEvent(violations, event_id)
+
+        content = {
+            "event_id": event_id,
+            "type": type_,
+            "deal_id": raw["deal_id"],
+            "occurred_at": _utc_iso(occurred_at),
+            "source": raw.get("source"),
+            "actor": raw.get("actor"),
+            "data": raw["data"],
+            "schema_version": raw.get("schema_version", 1),
+        }
+        return NewEvent(
+            event_id=event_id,
+            type=type_,
+            deal_id=raw["deal_id"],
+            occurred_at=occurred_at,
+            data=raw["data"],
+            schema_version=int(content["schema_version"]),
+            source=raw.get("source"),
+            actor=raw.get("actor"),
+            digest=canonical_digest(content),
+        )
