@@ -471,7 +471,9 @@ def evaluate(stream: Sequence[StreamEvent], process: Process | None) -> Evaluati
         )
         for criterion, check in _criteria_checks(stage, facts, process)
     )
-    missing = [s.description for s in statuses if not s.holds]
+    missing = [
+        s.description[:1].lower() + s.description[1:] for s in statuses if not s.holds
+    ]
     target = process.next_after(stage.key)
     parts = []
     if not actions:

@@ -43,5 +43,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "kafka"):
+    for noisy in ("uvicorn.access", "kafka", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

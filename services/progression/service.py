@@ -64,12 +64,9 @@ class Service:
         # Every version a deal was ever decided by stays loadable from the log;
         # the files on disk name the current version of each key.
         for process in files:
-            if event_log.register_process(
+            event_log.register_process(
                 process.key, process.version, dict(process.definition), process.digest
-            ):
-                log.info(
-                    "process registered key=%s version=%d", process.key, process.version
-                )
+            )
         catalog = ProcessCatalog()
         for stored in event_log.processes():
             catalog.add(

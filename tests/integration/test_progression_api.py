@@ -56,7 +56,7 @@ def test_evaluation_names_what_is_missing(client) -> None:
         "timeline_confirmed": False,
     }
     assert "pain.shared" in evaluation["missing"]
-    assert "Authority confirmed" in evaluation["missing"]
+    assert "authority confirmed" in evaluation["missing"]
 
 
 def test_the_same_event_again_answers_the_original_result(client) -> None:
