@@ -26,10 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .deal import view_of
 from .decision import evaluate, process_ref
 from .errors import (
+    DuplicateEventId,
     EventConflict,
     InvalidEvent,
     ProgressionError,
     StorageUnavailable,
+    StreamConflict,
     UnknownProcess,
     Violation,
 )
@@ -84,7 +86,9 @@ class Problem(Exception):
         return body
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if "retry_after_s" in self.extra:
+            headers["Retry-After"] = str(self.extra["retry_after_s"])
         return JSONResponse(
             self.body(), status_code=self.status, media_type=PROBLEM, headers=headers
         )
@@ -124,6 +128,14 @@ def problem_of(error: ProgressionError) -> Problem:
         )
     if isinstance(error, UnknownProcess):
         return Problem(404, "unknown-process", "No such process", str(error))
+    if isinstance(error, StreamConflict | DuplicateEventId):
+        return Problem(
+            503,
+            "contended",
+            "Too many concurrent writes to this deal",
+            f"{error}; gave up after repeated retries, try again",
+            retry_after_s=1,
+        )
     if isinstance(error, StorageUnavailable):
         return Problem(
             503, "storage-unavailable", "The event log is unavailable", str(error)

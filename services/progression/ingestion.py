@@ -16,6 +16,8 @@ __all__ = ["Ingestion", "ItemResult", "decision_event_id", "stream_events"]
 
 import hashlib
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +39,7 @@ from .process import TERMINAL, Process, ProcessCatalog
 log = logging.getLogger(__name__)
 
 Status = Literal["created", "duplicate", "conflict", "invalid"]
-MAX_ATTEMPTS = 20
+MAX_ATTEMPTS = 30
 
 
 @dataclass(slots=True)
@@ -105,12 +107,16 @@ class Ingestion:
             except ProgressionError as exc:
                 if not exc.retriable or attempt == MAX_ATTEMPTS:
                     raise
+                # Full jitter keeps writers on one hot deal from retrying in step.
+                pause_s = random.uniform(0, min(0.05, 0.001 * 2**attempt))
                 log.warning(
-                    "append retried attempt=%d reason=%s error=%r",
+                    "append retried attempt=%d reason=%s pause_ms=%.1f error=%r",
                     attempt,
                     type(exc).__name__,
+                    pause_s * 1000,
                     str(exc),
                 )
+                time.sleep(pause_s)
         raise AssertionError("unreachable")
 
     def _attempt(
