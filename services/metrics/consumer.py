@@ -1,0 +1,205 @@
+"""The Kafka source: a consumer in the projector group.
+
+Offsets live only in the read-model database, committed in the same
+transaction as the read-model changes (Kafka's own group offsets are never
+committed). On start and on every partition assignment the consumer seeks
+each assigned partition to its stored offset, or to the beginning when none
+is stored; several projector processes in the group split the partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+
+from metrics.errors import OffsetConflict, StorageUnavailable
+from metrics.progress import KafkaOffsets
+from metrics.projection import Incoming, Projection
+from metrics.settings import Settings
+
+__all__ = ["KafkaSource"]
+
+logger = logging.getLogger(__name__)
+
+
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._source.forget(revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._source.seek_to_stored(assigned)
+
+
+class KafkaSource:
+    """Consumes the topic and applies every poll's records, until `stop`."""
+
+    def __init__(
+        self, settings: Settings, projection: Projection, offsets: KafkaOffsets
+    ) -> None:
+        self._settings = settings
+        self._projection = projection
+        self._offsets = offsets
+        self._consumer: Any = None
+        # What this process believes is stored per partition (None: no row).
+        self._expected: dict[int, int | None] = {}
+        self.applied = 0
+
+    # -- partition assignment ---------------------------------------------------
+
+    def forget(self, partitions: Any) -> None:
+        for tp in partitions:
+            self._expected.pop(tp.partition, None)
+        if partitions:
+            logger.info(
+                "partitions revoked topic=%s partitions=%s",
+                self._offsets.topic,
+                ",".join(str(tp.partition) for tp in sorted(partitions)),
+            )
+
+    def seek_to_stored(self, partitions: Any) -> None:
+        partitions = sorted(partitions)
+        stored = self._offsets.stored(tp.partition for tp in partitions)
+        for tp in partitions:
+            offset = stored.get(tp.partition)
+            if offset is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+            self._expected[tp.partition] = offset
+            logger.info(
+                "partition assigned topic=%s partition=%d offset=%s",
+                tp.topic,
+                tp.partition,
+                "beginning" if offset is None else offset,
+            )
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _connect(self, stop: threading.Event) -> Any:
+        settings = self._settings
+        delay_s = 0.5
+        while not stop.is_set():
+            try:
+                return KafkaConsumer(
+                    bootstrap_servers=settings.kafka_bootstrap.split(","),
+                    group_id=settings.kafka_group,
+                    client_id=f"metrics-{socket.gethostname()}-{os.getpid()}",
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_poll_records=settings.batch_max_events,
+                    request_timeout_ms=max(settings.kafka_request_timeout_ms, 30_001),
+                )
+            except KafkaError as error:
+                logger.warning(
+                    "kafka unreachable, retrying bootstrap=%s topic=%s retry_in_s=%.1f "
+                    "error=%r",
+                    settings.kafka_bootstrap,
+                    settings.kafka_topic,
+                    delay_s,
+                    error,
+                )
+                stop.wait(delay_s)
+                delay_s = min(settings.feed_backoff_max_ms / 1000, delay_s * 2)
+        return None
+
+    def run(self, stop: threading.Event) -> None:
+        settings = self._settings
+        consumer = self._consumer = self._connect(stop)
+        if consumer is None:
+            return
+        topic = settings.kafka_topic
+        consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
+        logger.info(
+            "kafka source started bootstrap=%s topic=%s group=%s",
+            settings.kafka_bootstrap,
+            topic,
+            settings.kafka_group,
+        )
+        delay_s = 0.2
+        try:
+            while not stop.is_set():
+                records = consumer.poll(
+                    timeout_ms=settings.kafka_poll_timeout_ms,
+                    max_records=settings.batch_max_events,
+                )
+                if not records:
+                    continue
+                batch = [
+                    Incoming(
+                        record.value,
+                        source="kafka",
+                        topic=record.topic,
+                        partition=record.partition,
+                        offset=record.offset,
+                    )
+                    for tp in sorted(records)
+                    for record in records[tp]
+                ]
+                try:
+                    result = self._projection.apply(
+                        batch, self._offsets.writer(dict(self._expected))
+                    )
+                except OffsetConflict as error:
+                    logger.warning(
+                        "offsets moved by another projector, seeking to stored "
+                        "topic=%s error=%s",
+                        topic,
+                        error,
+                    )
+                    self.seek_to_stored(consumer.assignment())
+                    continue
+                except StorageUnavailable as error:
+                    logger.warning(
+                        "database unavailable, retrying topic=%s partitions=%s "
+                        "retry_in_s=%.1f error=%s",
+                        topic,
+                        ",".join(str(tp.partition) for tp in sorted(records)),
+                        delay_s,
+                        error,
+                    )
+                    stop.wait(delay_s)
+                    delay_s = min(5.0, delay_s * 2)
+                    self._reseek_after_failure(consumer, stop)
+                    continue
+                delay_s = 0.2
+                for partition, tally in result.by_partition.items():
+                    if partition is not None and tally.next_offset is not None:
+                        self._expected[partition] = tally.next_offset
+                self.applied += result.applied
+                logger.debug(
+                    "kafka batch applied topic=%s partitions=%s applied=%d skipped=%d "
+                    "parked=%d last_position=%s",
+                    topic,
+                    ",".join(str(tp.partition) for tp in sorted(records)),
+                    result.applied,
+                    result.skipped,
+                    result.parked,
+                    result.last_position,
+                )
+        finally:
+            consumer.close(autocommit=False)
+            logger.info("kafka source stopped topic=%s", topic)
+
+    def _reseek_after_failure(self, consumer: Any, stop: threading.Event) -> None:
+        """After a failed transaction, go back to what the database holds."""
+        while not stop.is_set():
+            try:
+                self.seek_to_stored(consumer.assignment())
+                return
+            except StorageUnavailable as error:
+                logger.warning(
+                    "database unavailable, retrying seek topic=%s error=%s",
+                    self._offsets.topic,
+                    error,
+                )
+                stop.wait(1.0)
