@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
+
 from progression.api import create_app
 from progression.service import Service
 from progression.settings import load_settings
