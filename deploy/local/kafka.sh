@@ -159,15 +159,17 @@ group.initial.rebalance.delay.ms=0
 PROPS
 
     cat >"$KAFKA_DIR/log4j2.properties" <<'PROPS'
-# Everything goes to standard output, which kafka.sh sends to server.log.
+# Everything goes to standard error, which kafka.sh sends to server.log
+# (standard output carries what the tools print, such as a cluster id).
 status = warn
 name = local-kafka
-appender.stdout.type = Console
-appender.stdout.name = STDOUT
-appender.stdout.layout.type = PatternLayout
-appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+appender.stderr.type = Console
+appender.stderr.name = STDERR
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = info
-rootLogger.appenderRef.stdout.ref = STDOUT
+rootLogger.appenderRef.stderr.ref = STDERR
 logger.request.name = kafka.request.logger
 logger.request.level = warn
 PROPS
@@ -226,8 +228,9 @@ start() {
 
     java_command
     local cluster_id
-    cluster_id="$("${JAVA_CMD[@]}" kafka.tools.StorageTool random-uuid 2>>"$LOG")" ||
-        { show_log_tail "$LOG"; die "could not make a cluster id"; }
+    cluster_id="$("${JAVA_CMD[@]}" kafka.tools.StorageTool random-uuid 2>>"$LOG")" || true
+    [[ "$cluster_id" =~ ^[A-Za-z0-9_-]{22}$ ]] ||
+        { show_log_tail "$LOG"; die "could not make a cluster id (got: $cluster_id)"; }
     "${JAVA_CMD[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
         -c "$KAFKA_DIR/server.properties" --standalone >>"$LOG" 2>&1 ||
         { show_log_tail "$LOG"; die "could not format $KAFKA_DIR/data"; }

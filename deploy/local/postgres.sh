@@ -41,10 +41,11 @@ is_root() {
     [[ "$(id -u)" -eq 0 ]]
 }
 
-# Run a command as the owner of the cluster.
+# Run a command as the owner of the cluster (from /, since that user may
+# not be allowed into the current folder).
 as_owner() {
     if is_root; then
-        runuser -u "$PG_USER" -- "$@"
+        (cd / && runuser -u "$PG_USER" -- "$@")
     else
         "$@"
     fi
