@@ -13,11 +13,16 @@ import logging
 import os
 import socket
 import threading
+import warnings
 from typing import Any
 
-from kafka import KafkaConsumer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+# kafka-python 3.0 reads its protocol schemas with a deprecated importlib call
+# when it is first imported; the warning is the library's, not ours.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaConsumer
+    from kafka.consumer.subscription_state import ConsumerRebalanceListener
+    from kafka.errors import KafkaError
 
 from metrics.errors import OffsetConflict, StorageUnavailable
 from metrics.progress import KafkaOffsets

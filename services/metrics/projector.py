@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from metrics.consumer import KafkaSource
 from metrics.feed import FeedSource
 from metrics.processes import Catalog, load_catalog
 from metrics.progress import FeedProgress, KafkaOffsets
 from metrics.projection import Projection
 from metrics.settings import Settings
 from metrics.storage import create_engine, migrate
+
+if TYPE_CHECKING:
+    from metrics.consumer import KafkaSource
 
 __all__ = ["SourceName", "build_source", "run_projector"]
 
@@ -25,6 +27,9 @@ SourceName = Literal["feed", "kafka"]
 def build_source(
     settings: Settings, source: SourceName, catalog: Catalog | None = None
 ) -> FeedSource | KafkaSource:
+    # The Kafka client is imported only when it is the source.
+    from metrics.consumer import KafkaSource
+
     """Migrate the read models and build the source, ready to `run`."""
     engine = create_engine(settings, writer=True)
     migrate(engine)

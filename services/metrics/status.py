@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,8 +43,11 @@ class KafkaEndOffsets:
             if time.monotonic() - self._failed_at < _RETRY_AFTER_FAILURE_S:
                 return None
             try:
-                from kafka import KafkaConsumer, TopicPartition
-                from kafka.errors import KafkaError
+                with warnings.catch_warnings():
+                    # see metrics.consumer: a deprecation inside kafka-python
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    from kafka import KafkaConsumer, TopicPartition
+                    from kafka.errors import KafkaError
 
                 if self._consumer is None:
                     self._consumer = KafkaConsumer(

@@ -7,6 +7,7 @@ command line, the URL comes from the service's settings.
 from __future__ import annotations
 
 from alembic import context
+
 from metrics.settings import load_settings
 from metrics.storage import VERSION_TABLE, create_engine
 from metrics.tables import metadata
