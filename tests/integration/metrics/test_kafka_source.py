@@ -1,0 +1,130 @@
+"""The Kafka source against a real broker: offsets stored with the read
+models, a restart that counts nothing twice, partitions split by deal."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from metrics.consumer import KafkaSource
+from metrics.progress import KafkaOffsets
+from metrics.settings import Settings
+from tests.integration.metrics.scenario import scenario
+from tests.unit.metrics.conftest import Projected
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaProducer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str) -> Iterator[str]:
+    name = f"deal-events-test-{uuid.uuid4().hex[:10]}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])
+    yield name
+    admin.delete_topics([name])
+    admin.close()
+
+
+def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for event in events:
+        producer.send(
+            topic, key=event["deal_id"].encode(), value=json.dumps(event).encode()
+        )
+    producer.flush()
+    producer.close()
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    found = consumer.end_offsets([TopicPartition(topic, p) for p in range(3)])
+    consumer.close()
+    return {tp.partition: offset for tp, offset in found.items()}
+
+
+def run_until(
+    settings: Settings, projected: Projected, ends: dict[int, int]
+) -> KafkaSource:
+    offsets = KafkaOffsets(projected.engine, settings.kafka_topic)
+    source = KafkaSource(settings, projected.projection, offsets)
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,))
+    thread.start()
+    try:
+        wanted = {p: o for p, o in ends.items() if o}
+        deadline = time.monotonic() + 60
+        while offsets.stored(wanted) != wanted:
+            assert time.monotonic() < deadline, offsets.stored(wanted)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    return source
+
+
+def test_the_topic_is_projected_and_a_restart_counts_nothing_twice(
+    settings: Settings, projected: Projected, kafka_bootstrap: str, topic: str
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka_bootstrap,
+            "kafka_topic": topic,
+            "kafka_group": f"metrics-test-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    events = scenario()
+    produce(kafka_bootstrap, topic, events)
+    ends = end_offsets(kafka_bootstrap, topic)
+    assert sum(ends.values()) == len(events)
+
+    source = run_until(settings, projected, ends)
+    assert source.applied == len(events)
+    stored = projected.rows(
+        "SELECT partition, next_offset, events_applied "
+        "FROM consumer_offsets ORDER BY partition"
+    )
+    assert [(p, o) for p, o, _ in stored] == sorted(
+        (p, o) for p, o in ends.items() if o
+    )
+    assert sum(applied for _, _, applied in stored) == len(events)
+    before = projected.rows("SELECT * FROM stage_visits ORDER BY deal_id, seq")
+
+    # The relay sends everything again (at least once) plus one new event.
+    last = events[-1]
+    meeting = dict(
+        last,
+        event_id="late-meeting",
+        type="meeting.held",
+        data={},
+        position=last["position"] + 1,
+        stream_version=last["stream_version"] + 1,
+    )
+    produce(kafka_bootstrap, topic, [*events, meeting])
+    source = run_until(settings, projected, end_offsets(kafka_bootstrap, topic))
+
+    assert source.applied == 1
+    assert projected.rows("SELECT * FROM stage_visits ORDER BY deal_id, seq") == before
+    assert projected.rows("SELECT meetings_held FROM deals WHERE deal_id = 'd7'") == [
+        (1,)
+    ]
+    assert projected.rows(
+        "SELECT status, count(*) FROM deals GROUP BY status ORDER BY status"
+    ) == [("disqualified", 1), ("lost", 2), ("open", 2), ("won", 2)]
+    assert projected.rows("SELECT sum(events_skipped) FROM consumer_offsets") == [
+        (len(events),)
+    ]
