@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+
 from progression.db import create_engine, current_revision, migrate, schema_differences
 from progression.errors import (
     DuplicateEventId,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import context
+
 from progression.db import comparison_options, create_engine
 from progression.tables import metadata
 
