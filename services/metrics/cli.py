@@ -75,7 +75,10 @@ def _serve(settings: Settings, source: str | None) -> None:
         projector_source = "kafka"
     app = create_app(settings, projector_source=projector_source)
     logger.info("api listening host=%s port=%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    # The API logs one key=value line per request itself.
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,5 +19,7 @@ def configure_logging(level: str) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
-    # kafka-python logs every connection step at INFO; keep its warnings only.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # kafka-python logs every connection step at INFO and Alembic its plugins;
+    # keep their warnings only.
+    for noisy in ("kafka", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
