@@ -10,8 +10,7 @@ Appends are refused, never merged: a stream that moved on since the caller
 read it gives `StreamConflict`, an event id already in the log gives
 `DuplicateEventId`, and in both cases nothing of the append is written. The
 database enforces both (a unique event id, a unique version per stream); the
-checks before the insert only make the common case cheap and the error
-precise.
+version check on the head before the insert only makes the error precise.
 
 Commit order is position order
 ------------------------------
@@ -29,7 +28,8 @@ and keeps it until its commit has become visible: the next append draws its
 positions only after that, so they are larger than every committed position
 and every position drawn before. On SQLite every write transaction starts
 with BEGIN IMMEDIATE (see `progression.db`), which already lets one writer
-at a time into the database.
+at a time into the database. Anything else that inserts events must take
+the same lock, or it brings the hazard back.
 
 The cost is plainly write concurrency on the log: one committer at a time,
 however many deals are being written. The lock is held only for the event
@@ -37,6 +37,17 @@ insert and the commit, which is why appends are batched (one transaction for
 many deals, one multi-row insert). What it buys: any reader can page by
 position with a simple `position > cursor` and never miss an event, and
 `head_position()` is a position below which nothing will ever appear.
+
+Known shortcomings
+------------------
+- `recorded_at` is taken once per append, after the stream heads are locked
+  and before the commit-order lock, so under concurrent appends a higher
+  position can carry a slightly earlier `recorded_at`. Order by position.
+- Positions have gaps wherever an append rolled back (PostgreSQL keeps the
+  drawn identity values); they are strictly increasing, not contiguous.
+- Events are inserted by different code on the two databases (see
+  `_insert_events_postgres`), for speed on PostgreSQL; the contract tests
+  run both.
 """
 
 from __future__ import annotations
@@ -311,8 +322,9 @@ class EventLog:
             deals.c.version == sa.bindparam("b_expected"),
         )
         result = connection.execute(update, moved)
-        # The heads are locked and were just checked, so this only fails if
-        # something wrote to the deals table without going through the log.
+        # The heads were just checked under lock (FOR UPDATE on PostgreSQL,
+        # the whole database on SQLite), so this only fails if something
+        # wrote to the deals table without going through the log.
         if result.rowcount != len(moved):
             raise StreamConflict(moved[0]["b_deal_id"], moved[0]["b_expected"])
 
@@ -442,8 +454,8 @@ class EventLog:
         caused: dict[str, list[RecordedEvent]] = {}
         found = self._select_by(events.c.causation_id, event_ids, events.c.position)
         for event in found:
-            assert event.causation_id is not None
-            caused.setdefault(event.causation_id, []).append(event)
+            if event.causation_id is not None:
+                caused.setdefault(event.causation_id, []).append(event)
         return caused
 
     def feed(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
@@ -477,14 +489,14 @@ class EventLog:
     ) -> list[RecordedEvent]:
         """Events whose `column` is one of `values`, ordered by `order`, position.
 
-        Several queries for many values, in one transaction. On PostgreSQL
-        (read committed) they do not share one snapshot; an event appended
-        between two of them may show up in the later one only.
+        Many values take several queries, in one transaction; every value's
+        events come from one of them, so each value's events are in order.
+        On PostgreSQL (read committed) the queries do not share a snapshot:
+        an append that commits between two of them shows in the later only.
         """
-        unique = sorted(set(values))
         found: list[RecordedEvent] = []
         with self._storage("read events"), self._reader.connect() as connection:
-            for chunk in _chunks(unique):
+            for chunk in _chunks(sorted(set(values))):
                 query = (
                     sa.select(events)
                     .where(column.in_(chunk))
@@ -492,8 +504,6 @@ class EventLog:
                 )
                 rows = connection.execute(query).mappings()
                 found.extend(_recorded(row) for row in rows)
-        if len(unique) > _IDS_PER_QUERY:
-            found.sort(key=lambda event: (getattr(event, order.key), event.position))
         return found
 
     # -- reading deals ---------------------------------------------------------
@@ -643,6 +653,9 @@ def _check_writes(writes: Sequence[StreamWrite]) -> None:
             raise ValueError(
                 f"deal {write.deal_id!r}: unknown status {write.summary.status!r}"
             )
+        for moment in (write.summary.stage_entered_at, write.summary.created_at):
+            if moment is not None and moment.utcoffset() is None:
+                raise ValueError(f"deal {write.deal_id!r}: a naive datetime")
         for new in write.events:
             if new.deal_id != write.deal_id:
                 raise ValueError(

@@ -243,6 +243,7 @@ def test_an_append_that_breaks_its_own_shape_is_refused(log: EventLog) -> None:
         [write("d-1", 0)],
         [write("d-1", 0, "e-1", status="maybe")],
         [write("d-1", -1, "e-1")],
+        [write("d-1", 0, "e-1", created_at=datetime(2026, 1, 1))],
     ]
     for writes in cases:
         with pytest.raises(ValueError):
