@@ -238,7 +238,7 @@ def insert_position(connection: sa.Connection, event_id: str, deal_id: str) -> i
 
 
 def wait_for_lock_waiter(engine: sa.Engine) -> None:
-    """Until some session waits for the commit-order advisory lock."""
+    """Until some connection waits for the commit-order advisory lock."""
     query = sa.text(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
     )
