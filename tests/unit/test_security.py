@@ -11,6 +11,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from progression.security import (
     AuthenticationError,
     BodySizeLimit,
@@ -28,11 +34,6 @@ from progression.security import (
     verify_hubspot_v3,
     verify_webhook,
 )
-from starlette.applications import Starlette
-from starlette.datastructures import Headers
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 NOW = 1_760_000_000.0
 SECRET = "whsec-test-secret"
