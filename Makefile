@@ -27,8 +27,8 @@ $(BENCH_STAMP): $(TEST_STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
-run: venv ## migrate and run the main job on the embedded SQLite default
-	exec $(BIN)/progression run
+run: venv ## the main job on SQLite: progression API, metrics API, feed projector
+	exec $(LOCAL)/run-embedded
 
 lint: venv ## ruff check, ruff format --check and mypy
 	$(BIN)/ruff check .
