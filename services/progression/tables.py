@@ -1,5 +1,9 @@
 """The progression service's tables: the event log, the deal heads, the processes.
 
+Beside them, the relay's own two tables: how far it has published to each
+topic (`relay_progress`) and, on SQLite, which relay may publish
+(`relay_lease`; see `progression.relay`).
+
 One `MetaData` with a naming convention, so every constraint and index has a
 name the migrations can refer to and the event log can recognise in a
 database error. The Alembic migrations under `migrations/versions/` are
@@ -16,6 +20,8 @@ __all__ = [
     "events",
     "metadata",
     "processes",
+    "relay_lease",
+    "relay_progress",
 ]
 
 from datetime import UTC, datetime
@@ -138,4 +144,26 @@ processes = sa.Table(
     sa.Column("definition", JSON_DOCUMENT, nullable=False),
     sa.Column("digest", DIGEST, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
+)
+
+# Kafka allows topic names of up to 249 characters.
+TOPIC = sa.String(249)
+
+relay_progress = sa.Table(
+    "relay_progress",
+    metadata,
+    sa.Column("topic", TOPIC, primary_key=True),
+    # The highest log position Kafka has acknowledged together with every
+    # position below it; 0 before the first event.
+    sa.Column("position", POSITION, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+relay_lease = sa.Table(
+    "relay_lease",
+    metadata,
+    sa.Column("topic", TOPIC, primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("acquired_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
 )
