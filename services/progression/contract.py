@@ -53,16 +53,25 @@ class Contract:
         try:
             self._envelope = Draft202012Validator(self._load("envelope.schema.json"))
             self.process_schema: dict[str, Any] = self._load("process.schema.json")
-            self._data = {
-                path.name.removesuffix(".schema.json"): Draft202012Validator(
-                    json.loads(path.read_text(encoding="utf-8"))
-                )
-                for path in sorted((schemas_dir / "events").glob("*.schema.json"))
-            }
+            self._data: dict[tuple[str, int], Draft202012Validator] = {}
+            events = schemas_dir / "events"
+            for path in sorted(events.glob("*.schema.json")):
+                self._add_data_schema(path.name.removesuffix(".schema.json"), path)
+            for path in sorted((events / "previous").glob("*.schema.json")):
+                type_ = path.name.removesuffix(".schema.json").rsplit(".v", 1)[0]
+                self._add_data_schema(type_, path)
         except (OSError, ValueError) as exc:
             raise ConfigurationError(
                 f"cannot read the event schemas in {schemas_dir}: {exc}"
             ) from exc
+
+    def _add_data_schema(self, type_: str, path: Path) -> None:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        version = int(schema.get("x-dealledger-schema-version", 1))
+        self._data[(type_, version)] = Draft202012Validator(schema)
+
+    def versions(self, type_: str) -> list[int]:
+        return sorted(v for t, v in self._data if t == type_)
 
     def _load(self, name: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(
@@ -72,7 +81,7 @@ class Contract:
 
     @property
     def types(self) -> list[str]:
-        return sorted(self._data)
+        return sorted({t for t, _ in self._data})
 
     def parse(self, raw: Any, *, now: datetime) -> NewEvent:
         """Check one posted event and return it normalised, or raise InvalidEvent."""
@@ -84,9 +93,16 @@ class Contract:
         assert isinstance(raw, dict) and event_id is not None
 
         type_ = raw["type"]
-        validator = self._data.get(type_)
-        if validator is None:  # the envelope and the event folder disagree
-            raise InvalidEvent([Violation("/type", f"no schema for {type_!r}")])
+        version = int(raw.get("schema_version", 1))
+        validator = self._data.get((type_, version))
+        if validator is None:
+            known = self.versions(type_)
+            rule = (
+                f"{type_} has schema versions {', '.join(map(str, known))}"
+                if known
+                else f"no schema for {type_!r}"
+            )
+            raise InvalidEvent([Violation("/schema_version", rule)], event_id)
         violations = _violations(validator.iter_errors(raw["data"]), "/data")
 
         if event_id.startswith(RESERVED_PREFIX):

@@ -86,6 +86,17 @@ def view_of(
         for criterion in BANT
     }
     counts = {t: len(facts.of_type(t)) for t in COUNTED if facts.of_type(t)}
+    next_steps = facts.of_type("next_step.confirmed")
+    next_step = (
+        {
+            "date": next_steps[-1].data.get("date"),
+            "agenda": next_steps[-1].data.get("agenda"),
+            "attendees": next_steps[-1].data.get("attendees"),
+            "event_id": next_steps[-1].event_id,
+        }
+        if next_steps
+        else None
+    )
     score = facts.lead_score(process.lead_score)[0] if process else None
 
     amount = details.get("amount", (None, None))[1]
@@ -101,7 +112,11 @@ def view_of(
         currency=details.get("currency", (None, None))[1],
         name=details.get("name", (None, None))[1],
         lead_score=score,
-        facts={"qualification": qualification, "events": counts},
+        facts={
+            "qualification": qualification,
+            "next_step": next_step,
+            "events": counts,
+        },
         created_at=position.created.occurred_at if position.created else None,
         version=stream[-1].arrival if stream else 0,
     )

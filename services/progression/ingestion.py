@@ -35,6 +35,7 @@ from .errors import (
 )
 from .eventlog import DealSummary, EventLog, NewEvent, RecordedEvent, StreamWrite
 from .process import TERMINAL, Process, ProcessCatalog
+from .upcasting import upcast
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,15 @@ def decision_event_id(deal_id: str, stream_version: int) -> str:
 
 
 def stream_events(recorded: Sequence[RecordedEvent]) -> list[StreamEvent]:
+    """A deal's recorded stream as the engine reads it: in the current shape."""
     return [
-        StreamEvent(e.event_id, e.type, e.occurred_at, e.data, e.stream_version)
+        StreamEvent(
+            e.event_id,
+            e.type,
+            e.occurred_at,
+            upcast(e.type, e.schema_version, e.data),
+            e.stream_version,
+        )
         for e in recorded
     ]
 
@@ -263,7 +271,7 @@ class Ingestion:
                 event.event_id,
                 event.type,
                 event.occurred_at,
-                event.data,
+                upcast(event.type, event.schema_version, event.data),
                 deal.version + 1,
             )
         )

@@ -137,7 +137,7 @@ def test_schema_id_is_its_path_under_schemas(path: Path) -> None:
 
 
 def test_there_is_one_data_schema_per_event_type_of_the_catalogue() -> None:
-    files = {path.name.removesuffix(".schema.json") for path in EVENTS.iterdir()}
+    files = {path.name.removesuffix(".schema.json") for path in EVENTS.glob("*.json")}
     assert files == set(CATALOGUE)
 
 
@@ -332,7 +332,7 @@ VALID_DATA: list[tuple[str, dict[str, Any]]] = [
         {
             "date": "2024-03-12",
             "agenda": "Demo for the finance team",
-            "attendees": ["cfo@acme.example"],
+            "attendees": [{"email": "cfo@acme.example", "name": "Dana", "role": "CFO"}],
         },
     ),
     ("value.agreed", {}),
@@ -423,18 +423,23 @@ INVALID_DATA: list[tuple[str, dict[str, Any], set[tuple[str, str]]]] = [
     ),
     (
         "next_step.confirmed",
-        {"date": "12/03/2024", "agenda": "Demo", "attendees": ["cfo"]},
+        {"date": "12/03/2024", "agenda": "Demo", "attendees": [{"name": "cfo"}]},
         {("/date", "pattern")},
     ),
     (
         "next_step.confirmed",
-        {"date": "2024-03-12", "agenda": "", "attendees": ["cfo"]},
+        {"date": "2024-03-12", "agenda": "", "attendees": [{"name": "cfo"}]},
         {("/agenda", "minLength"), ("/agenda", "pattern")},
     ),
     (
         "next_step.confirmed",
-        {"date": "2024-03-12", "agenda": "Demo", "attendees": ["cfo", ""]},
-        {("/attendees/1", "minLength"), ("/attendees/1", "pattern")},
+        {"date": "2024-03-12", "agenda": "Demo", "attendees": [{"name": "cfo"}, {}]},
+        {("/attendees/1", "anyOf")},
+    ),
+    (
+        "next_step.confirmed",
+        {"date": "2024-03-12", "agenda": "Demo", "attendees": ["cfo@acme.example"]},
+        {("/attendees/0", "type")},
     ),
     ("next_step.confirmed", {"date": "2024-03-12"}, {("", "required")}),
     ("value.agreed", {"amount": 10}, {("", "additionalProperties")}),
@@ -771,3 +776,16 @@ def test_process_with_a_bad_value_is_refused_at_that_value(
     change: str, value: Any, expected: tuple[str, str]
 ) -> None:
     assert failures(process_validator(), broken(change, value)) == {expected}
+
+
+def test_version_1_of_next_step_confirmed_still_takes_plain_attendees() -> None:
+    validator = validator_for(
+        BASE_ID + "events/previous/next_step.confirmed.v1.schema.json"
+    )
+    good = {"date": "2024-03-12", "agenda": "Demo", "attendees": ["cfo@acme.example"]}
+    assert failures(validator, good) == set()
+    bad = {"date": "2024-03-12", "agenda": "Demo", "attendees": ["cfo", ""]}
+    assert failures(validator, bad) == {
+        ("/attendees/1", "minLength"),
+        ("/attendees/1", "pattern"),
+    }
