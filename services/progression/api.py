@@ -29,6 +29,7 @@ from .errors import (
     DuplicateEventId,
     EventConflict,
     InvalidEvent,
+    ProcessUnavailable,
     ProgressionError,
     StorageUnavailable,
     StreamConflict,
@@ -125,6 +126,10 @@ def problem_of(error: ProgressionError) -> Problem:
     if isinstance(error, PermissionDenied):
         return Problem(
             403, "forbidden", "The token lacks the scope required", error.reason
+        )
+    if isinstance(error, ProcessUnavailable):
+        return Problem(
+            500, "process-unavailable", "The deal's process is not loadable", str(error)
         )
     if isinstance(error, UnknownProcess):
         return Problem(404, "unknown-process", "No such process", str(error))
@@ -237,6 +242,12 @@ def create_app(service: Service) -> FastAPI:
     def require(request: Request, scope: Scope) -> None:
         if len(service.tokens):
             service.tokens.authenticate(request.headers.get("authorization"), scope)
+        elif service.credentials_configured:
+            # Once any credential exists nothing is anonymous: with webhook
+            # secrets alone, no caller can prove the right to read.
+            raise AuthenticationError(
+                "reads need a bearer token and none are configured (PROGRESSION_TOKENS)"
+            )
 
     async def authorised_body(request: Request) -> bytes:
         """The raw body of a write, once its signature or token is accepted."""
@@ -348,9 +359,12 @@ def create_app(service: Service) -> FastAPI:
         if ref is None:
             return None
         key, version = ref
-        if version is None:
-            return service.catalog.current(key)
-        return service.catalog.get(key, version)
+        try:
+            if version is None:
+                return service.catalog.current(key)
+            return service.catalog.get(key, version)
+        except UnknownProcess as exc:
+            raise ProcessUnavailable(recorded[0].deal_id, key, version) from exc
 
     @app.get("/v1/deals/{deal_id}", tags=["deals"])
     def get_deal(deal_id: str, request: Request) -> dict[str, Any]:
@@ -475,7 +489,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/feed", tags=["feed"])
     def feed(
         request: Request,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
         limit: Annotated[int, Query(ge=1)] = 1000,
     ) -> dict[str, Any]:
         """Every event of the log after a position, in position order."""

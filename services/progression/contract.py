@@ -12,6 +12,7 @@ __all__ = ["RESERVED_PREFIX", "Contract", "canonical_digest"]
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,8 +37,52 @@ def _violations(errors: Iterable[ValidationError], prefix: str) -> list[Violatio
     return [Violation(prefix + _pointer(e.absolute_path), e.message) for e in ordered]
 
 
+def _unstorable(value: Any, pointer: str) -> list[Violation]:
+    """Values JSON parsers let through that no database should keep.
+
+    NaN and infinities (not JSON, though Python's parser reads them), lone
+    UTF-16 surrogates and NUL characters (PostgreSQL's JSONB refuses them).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return [Violation(pointer, "must be a finite number")]
+    if isinstance(value, str):
+        if "\x00" in value:
+            return [Violation(pointer, "must not contain a NUL character")]
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [Violation(pointer, "must be valid Unicode (a lone surrogate)")]
+        return []
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            found += _unstorable(key, pointer)
+            found += _unstorable(item, f"{pointer}/{_pointer([key])[1:]}")
+        return found
+    if isinstance(value, list):
+        return [
+            v
+            for i, item in enumerate(value)
+            for v in _unstorable(item, f"{pointer}/{i}")
+        ]
+    return []
+
+
+def _normalised(value: Any) -> Any:
+    """The same number written as 12000 or 12000.0 compares equal."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
 def canonical_digest(content: Mapping[str, Any]) -> str:
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(
+        _normalised(content), sort_keys=True, separators=(",", ":"), default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -113,7 +158,12 @@ class Contract:
                     "service's own decisions",
                 )
             )
-        occurred_at = datetime.fromisoformat(raw["occurred_at"]).astimezone(UTC)
+        violations += _unstorable(raw, "")
+        try:
+            occurred_at = datetime.fromisoformat(raw["occurred_at"]).astimezone(UTC)
+        except (ValueError, OverflowError) as exc:
+            violations.append(Violation("/occurred_at", f"not a real time: {exc}"))
+            raise InvalidEvent(violations, event_id) from exc
         if occurred_at - now > MAX_CLOCK_SKEW:
             violations.append(
                 Violation(

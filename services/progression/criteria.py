@@ -27,10 +27,11 @@ __all__ = [
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 BANT = ("budget", "authority", "need", "timeline")
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +176,14 @@ class AnyOf:
     rules: tuple[Rule, ...]
 
     def check(self, facts: DealFacts, weights: Mapping[str, LeadScoreWeight]) -> Check:
-        for rule in self.rules:
-            result = rule.check(facts, weights)
-            if result.holds:
-                return result
-        return Check(False)
+        # The alternative that has held the longest, so that the effective
+        # time does not depend on which evidence arrived first (rule 7).
+        holding = [
+            r for r in (rule.check(facts, weights) for rule in self.rules) if r.holds
+        ]
+        if not holding:
+            return Check(False)
+        return min(holding, key=lambda r: r.proved_at or _EARLIEST)
 
 
 @dataclass(frozen=True, slots=True)

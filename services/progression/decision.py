@@ -211,7 +211,8 @@ def decide(stream: Sequence[StreamEvent], process: Process) -> list[Decision]:
         decisions.append(decision)
         position.apply(decision)
 
-    if position.status == "pending":
+    creating = position.status == "pending"
+    if creating:
         created = position.created
         record(
             Decision(
@@ -225,60 +226,78 @@ def decide(stream: Sequence[StreamEvent], process: Process) -> list[Decision]:
             )
         )
 
-    for override in _pending_overrides(inputs, position, process):
-        record(override)
+    for override in _due_overrides(inputs, position, trigger, creating=creating):
+        decision = _override(override, position, process)
+        if decision is not None:
+            record(decision)
 
     facts = DealFacts.of(e.as_fact() for e in inputs)
-    # Rule 3: terminal outcomes first, then one hop at a time while due.
+    # Rule 3: terminal outcomes first, then one hop at a time while due. An
+    # advance that took effect before the loss or disqualification was even
+    # evidenced comes first, so the drop is counted in the stage it left.
     for _ in range(len(process.stages) + 1):
         if position.status != "open":
             break  # rule 5
-        decision = _terminal_due(facts, position, process, trigger) or _advance_due(
-            facts, position, process, trigger
-        )
+        terminal = _terminal_due(facts, position, process, trigger)
+        advance = _advance_due(facts, position, process, trigger)
+        if terminal is not None and advance is not None:
+            evidenced_at = terminal.criteria[0].occurred_at or terminal.effective_at
+            decision = advance if advance.effective_at < evidenced_at else terminal
+        else:
+            decision = terminal or advance
         if decision is None:
             break
         record(decision)
     return decisions
 
 
-def _pending_overrides(
-    inputs: Sequence[StreamEvent], position: DealPosition, process: Process
-) -> list[Decision]:
-    """Overrides that arrived after the creation and are not yet recorded.
+def _due_overrides(
+    inputs: Sequence[StreamEvent],
+    position: DealPosition,
+    trigger: StreamEvent,
+    *,
+    creating: bool,
+) -> list[StreamEvent]:
+    """The overrides to apply now, each considered exactly once.
 
-    An override that arrived before `deal.created` moved a deal that did not
-    exist yet: it is kept and changes nothing.
+    An override is applied when it arrives, if the deal exists; one that
+    arrived earlier is applied when `deal.created` arrives, in the order they
+    occurred, unless it is dated before the creation (it moved a deal that
+    did not exist yet: kept, and it changes nothing).
     """
     assert position.created is not None
-    decisions = []
+    if creating:
+        since = position.created.occurred_at
+        early = [
+            e for e in inputs if e.type == "stage.overridden" and e.occurred_at >= since
+        ]
+        return sorted(early, key=lambda e: (e.occurred_at, e.arrival))
+    if (
+        trigger.type == "stage.overridden"
+        and trigger.event_id not in position.overrides_applied
+    ):
+        return [trigger]
+    return []
+
+
+def _override(
+    event: StreamEvent, position: DealPosition, process: Process
+) -> Decision | None:
     where = position.where
-    entered_at = position.entered_at
-    for event in inputs:
-        if (
-            event.type != "stage.overridden"
-            or event.arrival < position.created.arrival
-            or event.event_id in position.overrides_applied
-        ):
-            continue
-        to = str(event.data.get("to"))
-        if to == where or not (to in TERMINAL or process.has_stage(to)):
-            continue
-        effective_at = max(event.occurred_at, entered_at or event.occurred_at)
-        decisions.append(
-            Decision(
-                from_stage=where,
-                to=to,
-                cause="override",
-                effective_at=effective_at,  # rule 6: never before the entry
-                trigger_event_id=event.event_id,
-                reason=str(event.data.get("reason", "")) or None,
-                process=process.key,
-                process_version=process.version,
-            )
-        )
-        where, entered_at = to, effective_at
-    return decisions
+    to = str(event.data.get("to"))
+    if to == where or not (to in TERMINAL or process.has_stage(to)):
+        return None  # already there, or not a place of this process
+    entered_at = position.entered_at or event.occurred_at
+    return Decision(
+        from_stage=where,
+        to=to,
+        cause="override",
+        effective_at=max(event.occurred_at, entered_at),  # rule 6
+        trigger_event_id=event.event_id,
+        reason=str(event.data.get("reason", "")) or None,
+        process=process.key,
+        process_version=process.version,
+    )
 
 
 def _not_set_aside(facts: list[Fact], position: DealPosition) -> list[Fact]:

@@ -14,6 +14,7 @@ __all__ = [
     "EventConflict",
     "InvalidEvent",
     "InvalidProcess",
+    "ProcessUnavailable",
     "ProcessVersionChanged",
     "ProgressionError",
     "StorageUnavailable",
@@ -84,6 +85,19 @@ class UnknownProcess(ProgressionError):
         self.version = version
         which = f"{key!r}" if version is None else f"{key!r} version {version}"
         super().__init__(f"no process {which} is declared")
+
+
+class ProcessUnavailable(ProgressionError):
+    """A deal's recorded process version cannot be loaded on this instance."""
+
+    def __init__(self, deal_id: str, key: str, version: int | None):
+        self.deal_id = deal_id
+        self.key = key
+        self.version = version
+        super().__init__(
+            f"deal {deal_id!r} is decided by process {key!r} version {version}, "
+            "which this instance cannot load"
+        )
 
 
 class UnknownDeal(ProgressionError):

@@ -29,6 +29,7 @@ from .decision import StreamEvent, decide, process_ref
 from .errors import (
     EventConflict,
     InvalidEvent,
+    ProcessUnavailable,
     ProgressionError,
     UnknownProcess,
     Violation,
@@ -232,7 +233,7 @@ class Ingestion:
                     event.event_id,
                 )
         if event.type == "stage.overridden":
-            process = self._process_of(stream)
+            process = self._process_of(stream, event.deal_id)
             to = event.data["to"]
             if process is not None and not (to in TERMINAL or process.has_stage(to)):
                 stages = ", ".join(s.key for s in process.stages)
@@ -249,7 +250,9 @@ class Ingestion:
                 )
         return None
 
-    def _process_of(self, stream: Sequence[StreamEvent]) -> Process | None:
+    def _process_of(
+        self, stream: Sequence[StreamEvent], deal_id: str
+    ) -> Process | None:
         ref = process_ref(stream)
         if ref is None:
             return None
@@ -260,9 +263,14 @@ class Ingestion:
                 if version is None
                 else self.catalog.get(key, version)
             )
-        except UnknownProcess:
-            log.error("deal process unknown process=%s version=%s", key, version)
-            raise
+        except UnknownProcess as exc:
+            log.error(
+                "deal process not loadable process=%s version=%s deal=%s",
+                key,
+                version,
+                deal_id,
+            )
+            raise ProcessUnavailable(deal_id, key, version) from exc
 
     def _extend(self, deal: _Pending, event: NewEvent) -> None:
         deal.new.append(event)
@@ -275,7 +283,7 @@ class Ingestion:
                 deal.version + 1,
             )
         )
-        process = self._process_of(deal.stream)
+        process = self._process_of(deal.stream, event.deal_id)
         if process is None:
             return
         now = self.clock()
@@ -297,7 +305,7 @@ class Ingestion:
             )
 
     def _summary(self, deal_id: str, deal: _Pending) -> DealSummary:
-        view = view_of(deal_id, deal.stream, self._process_of(deal.stream))
+        view = view_of(deal_id, deal.stream, self._process_of(deal.stream, deal_id))
         return DealSummary(
             deal_id=deal_id,
             version=deal.version,

@@ -24,7 +24,7 @@ __all__ = [
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -228,9 +228,15 @@ class ProcessCatalog:
     file, the highest version recorded.
     """
 
-    def __init__(self, processes: Iterable[Process] = ()) -> None:
+    def __init__(
+        self,
+        processes: Iterable[Process] = (),
+        *,
+        reload: Callable[[], Iterable[Process]] | None = None,
+    ) -> None:
         self._versions: dict[str, dict[int, Process]] = {}
         self._current: dict[str, int] = {}
+        self._reload = reload
         for process in processes:
             self.add(process, current=True)
 
@@ -247,6 +253,13 @@ class ProcessCatalog:
         return versions[self._current.get(key, max(versions))]
 
     def get(self, key: str, version: int) -> Process:
+        """One version; one missing here is looked for again where versions live.
+
+        Another replica may have recorded a version this one has not loaded.
+        """
+        if version not in self._versions.get(key, {}) and self._reload is not None:
+            for process in self._reload():
+                self._versions.setdefault(process.key, {})[process.version] = process
         try:
             return self._versions[key][version]
         except KeyError:

@@ -19,7 +19,7 @@ from .db import create_engine, migrate
 from .errors import ConfigurationError
 from .eventlog import EventLog
 from .ingestion import Ingestion
-from .process import ProcessCatalog, load_process_dir, parse_process
+from .process import Process, ProcessCatalog, load_process_dir, parse_process
 from .security import TokenTable, WebhookSecret, parse_tokens, parse_webhook_secrets
 from .settings import Settings
 
@@ -67,15 +67,20 @@ class Service:
             event_log.register_process(
                 process.key, process.version, dict(process.definition), process.digest
             )
-        catalog = ProcessCatalog()
-        for stored in event_log.processes():
-            catalog.add(
+
+        def recorded() -> list[Process]:
+            return [
                 parse_process(
                     stored.definition,
                     contract.process_schema,
                     f"recorded process {stored.key} v{stored.version}",
                 )
-            )
+                for stored in event_log.processes()
+            ]
+
+        catalog = ProcessCatalog(reload=recorded)
+        for process in recorded():
+            catalog.add(process)
         for process in files:
             catalog.add(process, current=True)
 

@@ -206,3 +206,42 @@ def test_health_and_readiness(client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_values_no_database_should_keep_are_refused_per_item(client) -> None:
+    good = event("ok-1", "deal.created", "odd-1", 0, owner="r")
+    impossible_day = dict(good, event_id="x-1", occurred_at="2026-02-30T09:00:00Z")
+    out_of_range = dict(good, event_id="x-2", occurred_at="9999-12-31T23:59:59-01:00")
+    nul = event("x-3", "deal.created", "odd-2", 0, owner="r\u0000")
+    response = client.post(
+        "/v1/events/batch", json={"events": [good, impossible_day, out_of_range, nul]}
+    )
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [
+        "created",
+        "invalid",
+        "invalid",
+        "invalid",
+    ]
+    pointers = [r["problem"]["errors"][0]["pointer"] for r in results[1:]]
+    assert pointers == ["/occurred_at", "/occurred_at", "/data/owner"]
+
+    not_a_number = (
+        b'{"event_id":"n1","type":"deal.created","deal_id":"odd-3",'
+        b'"occurred_at":"2026-03-02T09:00:00Z","data":{"owner":"r","amount":NaN}}'
+    )
+    refused = client.post(
+        "/v1/events",
+        content=not_a_number,
+        headers={"content-type": "application/json"},
+    )
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["pointer"] == "/data/amount"
+    assert client.get("/v1/deals/odd-3").status_code == 404
+
+
+def test_the_same_number_written_differently_is_the_same_content(client) -> None:
+    item = event("num-1", "deal.created", "num", 0, owner="r", amount=12000)
+    assert client.post("/v1/events", json=item).status_code == 201
+    again = dict(item, data={"owner": "r", "amount": 12000.0})
+    assert client.post("/v1/events", json=again).status_code == 200

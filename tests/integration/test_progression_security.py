@@ -129,3 +129,12 @@ def test_without_credentials_the_service_will_not_listen_beyond_loopback() -> No
     with pytest.raises(ConfigurationError):
         refuse_open_bind("0.0.0.0", credentials_configured=False)
     refuse_open_bind("0.0.0.0", credentials_configured=True)
+
+
+def test_with_only_webhook_secrets_nothing_can_be_read_anonymously(
+    database_url: str,
+) -> None:
+    with progression_client(database_url, webhook_secrets=SECRETS) as client:
+        assert client.get("/v1/feed").status_code == 401
+        assert client.get("/v1/deals").status_code == 401
+        assert client.get("/healthz").status_code == 200

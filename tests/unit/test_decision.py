@@ -400,3 +400,59 @@ def test_a_lead_score_criterion_takes_effect_when_the_score_is_reached() -> None
     ready = deal.decisions[-1]
     assert ready.effective_at == at(5)  # 20 + 10 + 10 reached 40 at the click
     assert set(ready.criteria[-1].event_ids) >= {"meeting", "download", "click"}
+
+
+def test_an_override_to_the_current_stage_is_not_applied_later() -> None:
+    deal = Deal().post_all(
+        [
+            ev("c", "deal.created", 0, owner="r"),
+            ev("call", "discovery_call.agreed", 1),
+            ev("stay", "stage.overridden", 2, to="connecting", reason="no-op"),
+            *bant(3, **ALL_BANT),
+            ev("pain", "pain.shared", 4),
+            ev("open", "email.opened", 5),
+        ]
+    )
+    assert deal.path == ["prospecting", "connecting", "researching"]
+    assert all(d.cause != "override" for d in deal.decisions)
+
+
+def test_an_override_that_arrived_before_the_creation_applies_when_it_arrives() -> None:
+    created = ev("c", "deal.created", 0, owner="r")
+    override = ev("jump", "stage.overridden", 5, to="presenting", reason="inbound")
+    early = Deal().post_all([override, created])
+    late = Deal().post_all([created, override])
+    assert early.path == late.path == ["prospecting", "presenting"]
+    assert early.decisions[-1].effective_at == late.decisions[-1].effective_at == at(5)
+
+    dated_before = ev("old", "stage.overridden", -1, to="presenting", reason="x")
+    assert Deal().post_all([dated_before, created]).path == ["prospecting"]
+
+
+def test_a_loss_after_the_last_advance_is_counted_in_the_stage_it_left() -> None:
+    inputs = [i for i in happy_path() if i.type != "contract.signed"]
+    lost = ev("lost", "deal.lost", 300, reason="budget frozen")
+    in_order = Deal().post_all([*inputs, lost])
+    created_last = Deal().post_all([*inputs[1:], lost, inputs[0]])
+    assert in_order.path == created_last.path
+    assert created_last.decisions[-1].from_stage == "closing"
+    assert created_last.decisions[-1].effective_at == at(300)
+
+
+def test_any_takes_the_alternative_that_held_first() -> None:
+    # need at 10, score 40 at 11:30, pain at 12, budget at 14: the score
+    # path held first, whichever of the two arrived before the pain.
+    base = [
+        ev("c", "deal.created", 0, owner="r", process="inbound-fast-track"),
+        ev("need", "qualification.updated", 10, criterion="need", status="confirmed"),
+        ev("m1", "meeting.held", 11),
+        ev("m2", "meeting.held", 11.5),
+    ]
+    pain = ev("pain", "pain.shared", 12)
+    budget = ev(
+        "budget", "qualification.updated", 14, criterion="budget", status="confirmed"
+    )
+    one = Deal().post_all([*base, pain, budget])
+    other = Deal().post_all([*base, budget, pain])
+    assert one.decisions[-1].to == other.decisions[-1].to == "presenting"
+    assert one.decisions[-1].effective_at == other.decisions[-1].effective_at == at(12)

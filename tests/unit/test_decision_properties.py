@@ -102,3 +102,80 @@ def test_deciding_again_after_any_prefix_changes_nothing(
         process = deal.process
         if process is not None:
             assert decide(deal.stream, process) == []
+
+
+@st.composite
+def fast_track_histories(draw: st.DrawFn) -> list[Input]:
+    """inbound-fast-track: `any` over BANT and the lead score, settled evidence.
+
+    A lead score reached by more signals than it needs, or both alternatives
+    of the `any` holding, is redundant evidence: which of them decided the
+    advance depends on what arrived first, the limitation docs/decisions.md
+    names.
+    """
+    hours = iter(draw(st.permutations(range(1, 41))))
+    items = [
+        Input(
+            "created",
+            "deal.created",
+            at(next(hours)),
+            {"owner": "r", "process": "inbound-fast-track"},
+        )
+    ]
+    for action in (
+        "pain.shared",
+        "proposal.requested",
+        "procurement.introduced",
+        "contract.signed",
+    ):
+        if draw(st.integers(0, 9)):
+            items.append(Input(f"a-{action}", action, at(next(hours))))
+    # One way into pricing at most: budget confirmed, or a lead score of 40.
+    path = draw(st.sampled_from(["budget", "score", "neither"]))
+    for criterion in ("budget", "authority", "need"):
+        if criterion == "budget" and path != "budget":
+            continue
+        if draw(st.integers(0, 3)):
+            items.append(
+                Input(
+                    f"q-{criterion}",
+                    "qualification.updated",
+                    at(next(hours)),
+                    {"criterion": criterion, "status": "confirmed"},
+                )
+            )
+    if draw(st.integers(0, 9)):
+        items.append(
+            Input(
+                "next",
+                "next_step.confirmed",
+                at(next(hours)),
+                {"date": "2026-04-01", "agenda": "Demo", "attendees": ["x"]},
+            )
+        )
+    # Settled evidence for the lead score: never more signals than it takes
+    # to reach the threshold of 40, so it is crossed by the last of them.
+    points = {
+        "meeting.held": 20,
+        "link.clicked": 10,
+        "content.downloaded": 10,
+        "email.replied": 10,
+    }
+    ceiling = 40 if path == "score" else 30
+    total = 0
+    for i in range(draw(st.integers(0, 6))):
+        signal = draw(st.sampled_from(sorted(points)))
+        if total + points[signal] > ceiling:
+            break
+        total += points[signal]
+        items.append(Input(f"s-{i}", signal, at(next(hours))))
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), history=fast_track_histories())
+def test_the_fast_track_does_not_depend_on_arrival_order(
+    data: st.DataObject, history: list[Input]
+) -> None:
+    reordered = data.draw(st.permutations(history))
+    assert outcome(Deal().post_all(reordered)) == outcome(Deal().post_all(history))
