@@ -113,3 +113,28 @@ def test_deals_keep_the_version_they_were_created_under(
         moved = client.post("/v1/events", json=new_pain).json()["decisions"]
         assert [d["data"]["to"] for d in moved] == ["researching"]
         assert moved[0]["data"]["process_version"] == 2
+
+
+def test_a_version_recorded_by_another_replica_is_loaded_on_demand(
+    database_url: str, tmp_path: Path
+) -> None:
+    old_files = copy_processes(tmp_path / "a")
+    replica_a = Service.start(
+        load_settings(database_url=database_url, processes_dir=old_files)
+    )
+    new_files = copy_processes(tmp_path / "b")
+    edit(new_files / "b2b-default.yaml", lambda d: d.__setitem__("version", 2))
+    replica_b = Service.start(
+        load_settings(database_url=database_url, processes_dir=new_files)
+    )
+    try:
+        created, call = happy_path("cross-1")[:2]
+        [made] = replica_b.ingestion.submit([created])
+        assert made.decisions[0].data["process_version"] == 2
+        [moved] = replica_a.ingestion.submit([call])
+        assert moved.status == "created"
+        assert [d.data["to"] for d in moved.decisions] == ["connecting"]
+        assert moved.decisions[0].data["process_version"] == 2
+    finally:
+        replica_a.engine.dispose()
+        replica_b.engine.dispose()
