@@ -48,6 +48,7 @@ from .security import (
     verify_webhook,
 )
 from .service import Service
+from .simulation_api import simulation_router
 
 log = logging.getLogger(__name__)
 
@@ -499,6 +500,8 @@ def create_app(service: Service) -> FastAPI:
             "events": [e.envelope() for e in events],
             "next_after": events[-1].position if events else after,
         }
+
+    app.include_router(simulation_router(service, require), tags=["operations"])
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-from fastapi import Request
 from fastapi.testclient import TestClient
 
 from progression import ops
@@ -25,11 +24,9 @@ from progression.api import create_app
 from progression.errors import UnknownDeal
 from progression.history import generate
 from progression.process import Process, parse_process
-from progression.security import Scope
 from progression.service import Service
 from progression.settings import load_settings
 from progression.simulation import DealFilter, parse_moment, simulate
-from progression.simulation_api import simulation_router
 
 from .progression_support import event, happy_path
 
@@ -237,6 +234,36 @@ def test_dropping_a_criterion_converts_more(service: Service) -> None:
     assert row(data, "prospecting")["difference"]["conversion"] == 0
 
 
+def test_stages_the_sides_do_not_share_are_listed_with_blanks(
+    service: Service,
+) -> None:
+    load(service, small_history())
+    five_step = process_file(PROCESSES / "five-step.yaml", service)
+    triage = process_file(FAST_TRACK, service)
+    triage.definition["stages"].insert(
+        0,
+        dict(triage.definition["stages"][0], key="triage", name="Triage"),
+    )
+    triage = parse_process(triage.definition, service.contract.process_schema, "t")
+
+    apart = run(service, five_step, baseline="b2b-default")
+    before = ["prospecting", "connecting", "researching", "presenting"]
+    before += ["negotiating", "closing"]
+    after = ["prospect", "qualify", "quote", "close"]
+    assert [r["stage"] for r in apart["stages"]] == before + after
+    assert all(r["candidate"] is None for r in apart["stages"][:6])
+    assert all(r["baseline"] is None for r in apart["stages"][6:])
+    assert row(apart, "prospect")["candidate"]["entered"] == 4
+
+    # A new first stage goes before the first stage the two share.
+    first = run(service, triage, baseline="b2b-default")
+    assert [r["stage"] for r in first["stages"]][:3] == [
+        "prospecting",
+        "triage",
+        "connecting",
+    ]
+
+
 def test_a_simulation_writes_nothing(service: Service) -> None:
     load(service, generate(40, seed=2))
     head = service.log.head_position()
@@ -378,16 +405,7 @@ READ_TOKEN = "read-token-0123456789"
 
 
 def client_for(service: Service) -> TestClient:
-    """The API with the simulations router, as the API module includes it."""
-    app = create_app(service)
-    if not any(getattr(r, "path", None) == "/v1/simulations" for r in app.routes):
-
-        def require(request: Request, scope: Scope) -> None:
-            if len(service.tokens):
-                service.tokens.authenticate(request.headers.get("authorization"), scope)
-
-        app.include_router(simulation_router(service, require))
-    return TestClient(app, base_url="http://127.0.0.1:8000")
+    return TestClient(create_app(service), base_url="http://127.0.0.1:8000")
 
 
 def fast_track_body(**extra: Any) -> dict[str, Any]:
