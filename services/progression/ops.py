@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .errors import ConfigurationError, ProgressionError
+from .errors import ConfigurationError, ProgressionError, UnknownDeal
 from .logs import configure_logging
 from .settings import Settings, load_settings
 
@@ -56,6 +56,7 @@ log = logging.getLogger("progression.ops")  # also when run as __main__
 COMMANDS = frozenset({"simulate", "export", "import", "generate"})
 EXIT_REFUSED = 2  # bad arguments, settings or files: nothing was done
 EXIT_INCOMPLETE = 1  # an import left conflicting or invalid lines out
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 Report = Callable[[int, int | None], None]
 
@@ -177,6 +178,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        log.warning("%s interrupted", args.command)
+        again = " (run it again to complete it)" if args.command == "import" else ""
+        _err().print(f"progression {args.command}: interrupted{again}", markup=False)
+        return EXIT_INTERRUPTED
     except (ProgressionError, ValueError, OSError) as exc:
         log.error("%s refused error=%r", args.command, str(exc))
         _err().print(f"progression {args.command}: {exc}", markup=False, soft_wrap=True)
@@ -325,6 +331,11 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         event_log = EventLog(engine)
         catalog = _catalog(settings, event_log, contract)
+        if args.baseline is not None and not catalog.knows(args.baseline):
+            known = ", ".join(catalog.process_keys())
+            raise ValueError(
+                f"--baseline: no process {args.baseline!r}; known: {known}"
+            )
         with _progress("replaying", "events") as report:
             result = simulate(
                 event_log,
@@ -338,6 +349,8 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
                 workers=args.workers if _shareable(engine) else 1,
                 database_url=engine.url.render_as_string(hide_password=False),
             )
+    except UnknownDeal as exc:
+        raise ValueError(f"--deal: {exc}") from exc
     finally:
         engine.dispose()
 
@@ -502,6 +515,15 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
     from .eventlog import EventLog
     from .transfer import export
 
+    if args.from_position < 1:
+        raise ValueError(
+            f"--from-position: must be 1 or more, not {args.from_position}"
+        )
+    if args.to_position is not None and args.to_position < args.from_position:
+        raise ValueError(
+            f"--to-position: must be at least --from-position ({args.from_position}), "
+            f"not {args.to_position}"
+        )
     engine = _open_engine(settings)
     to_stdout = args.out == "-"
     target = Path(args.out)
@@ -579,9 +601,10 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         service.engine.dispose()
 
+    where = "stdin" if args.file == "-" else args.file
     console = _out()
     console.print(
-        f"imported {args.file}: {summary.lines:,} lines, {summary.inputs:,} inputs "
+        f"imported {where}: {summary.lines:,} lines, {summary.inputs:,} inputs "
         f"in {summary.seconds:.1f} s",
         markup=False,
         soft_wrap=True,
@@ -629,6 +652,8 @@ def _open_in(name: str) -> tuple[BinaryIO, int | None]:
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
     from .history import generate
 
+    if args.deals < 0:
+        raise ValueError(f"--deals: must be 0 or more, not {args.deals}")
     started = time.perf_counter()
     count = 0
     write = sys.stdout.write

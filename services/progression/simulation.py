@@ -486,15 +486,20 @@ def _difference(before: Any, after: Any) -> dict[str, Any] | None:
 
 
 def _row_order(baseline: Sequence[Process], candidate: Process) -> list[str]:
-    """The baseline's stages in order, the candidate's own stages slotted in
-    after the candidate stage they follow."""
+    """The baseline's stages in order, with each stage only the candidate has
+    placed after the candidate stage before it; one with none before it goes
+    before the first stage the two share, or else after all the rest."""
     order: list[str] = []
     for process in baseline:
         order.extend(s.key for s in process.stages if s.key not in order)
+    shared = [s.key for s in candidate.stages if s.key in order]
     previous: str | None = None
     for stage in candidate.stages:
         if stage.key not in order:
-            index = 0 if previous is None else order.index(previous) + 1
+            if previous is not None:
+                index = order.index(previous) + 1
+            else:
+                index = order.index(shared[0]) if shared else len(order)
             order.insert(index, stage.key)
         previous = stage.key
     return order
