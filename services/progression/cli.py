@@ -4,6 +4,7 @@ progression run        migrate, then serve the API (the embedded default)
 progression serve      serve the API on an already migrated database
 progression migrate    bring the event log's schema to the newest version
 progression check      validate the settings and every process file
+progression relay      publish the event log to Kafka (one active at a time)
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ __all__ = ["main"]
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import uvicorn
@@ -90,6 +93,50 @@ def _check(settings: Settings) -> int:
     return 0
 
 
+def _relay(settings: Settings) -> int:
+    from .db import create_engine, migrate
+    from .relay import Relay
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    migrate(engine)
+    relay = Relay(engine, settings)
+
+    # The relay runs in a thread of its own and the main thread only waits,
+    # so that SIGTERM and SIGINT merely set the stop event, whatever the
+    # relay is doing: it then finishes the batch in flight, records its
+    # position and releases its lock.
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("relay stop requested signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    def run() -> None:
+        try:
+            relay.run(stop)
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    thread = threading.Thread(target=run, name="relay")
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    engine.dispose()
+    if not failure:
+        return 0
+    [exc] = failure
+    if isinstance(exc, ProgressionError):
+        log.error("relay gave up topic=%s error=%r", relay.topic, str(exc))
+    else:
+        log.error("relay failed topic=%s", relay.topic, exc_info=exc)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="progression", description="Deal progression: the write side."
@@ -99,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("serve", help="serve the API")
     commands.add_parser("migrate", help="migrate the event log's schema")
     commands.add_parser("check", help="validate settings and process files")
+    commands.add_parser("relay", help="publish the event log to Kafka")
     args = parser.parse_args(argv)
 
     try:
@@ -108,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "migrate":
             return _migrate(settings)
+        if args.command == "relay":
+            return _relay(settings)
         return _check(settings)
     except ProgressionError as exc:
         configure_logging()
