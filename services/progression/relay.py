@@ -21,9 +21,10 @@ acknowledged. Anything not acknowledged is sent again, from that position,
 by a fresh producer.
 
 Delivery is at least once. A crash (or a lost lock) after Kafka's
-acknowledgement and before the position is recorded sends that batch again
-on restart, under a new producer id, which Kafka's idempotence does not
-recognise; so does a batch of which only a later part was acknowledged.
+acknowledgement and before the position is recorded sends those events
+again on restart (at most the batches that were in flight), under a new
+producer id, which Kafka's idempotence does not recognise; so does a
+failure that Kafka acknowledged only part of, on other partitions.
 Consumers deduplicate by (deal_id, stream_version). Nothing is ever skipped:
 feed order is commit order (see `progression.eventlog`), so an event that
 commits late still has a position above every one already handed out.
@@ -60,6 +61,13 @@ Known shortcomings
 - Throughput is bounded by kafka-python's per-record cost in Python (about
   12,000 events a second from a local database to a local broker), not by
   the broker.
+- Workarounds for kafka-python 3.0 (checked against 3.0.12): it can leave
+  records unanswered for good after a batch expired (the relay stops
+  waiting a little after the delivery timeout and starts a fresh producer),
+  its close() can leave the producer's thread running (stopped through a
+  private attribute, see `_Publisher.close`), and it leaves a socket to the
+  garbage collector for every refused connection (harmless, but file
+  descriptors linger a while during an outage).
 """
 
 from __future__ import annotations
@@ -294,10 +302,6 @@ class _InFlight:
     @property
     def first_position(self) -> int:
         return self.batch[0].position
-
-    @property
-    def last_position(self) -> int:
-        return self.batch[-1].position
 
     def add(self, event: RecordedEvent, partition: int, future: Any) -> None:
         self.sent.append((event, partition, future))
@@ -937,9 +941,11 @@ class Relay:
             self._lock.kind,
             self.identity,
         )
+        backoff = _Backoff()
         while not stop.is_set():
             if not self._acquire(stop):
                 break
+            delay = 0.0
             try:
                 self._publish(stop)
             except RelayLockLost as error:
@@ -949,9 +955,22 @@ class Relay:
                     self.position,
                     _text(error),
                 )
+            except StorageUnavailable as error:
+                delay = backoff.next()
+                logger.warning(
+                    "database unavailable, letting the lock go and retrying "
+                    "topic=%s position=%s retry_in_s=%.1f error=%s",
+                    self._topic,
+                    self.position,
+                    delay,
+                    _text(error),
+                )
+            else:
+                backoff.reset()
             finally:
                 self.active.clear()
                 self._lock.release()
+            stop.wait(delay)
         logger.info(
             "relay stopped topic=%s position=%s published=%d",
             self._topic,
