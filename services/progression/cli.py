@@ -5,6 +5,10 @@ progression serve      serve the API on an already migrated database
 progression migrate    bring the event log's schema to the newest version
 progression check      validate the settings and every process file
 progression relay      publish the event log to Kafka (one active at a time)
+progression simulate   decide recorded inputs again under a candidate process
+progression export     write the log as JSON Lines
+progression import     append an exported or generated JSON Lines file
+progression generate   write a generated sales history as JSON Lines
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from . import ops
 from .errors import ProgressionError
 from .logs import configure_logging
 from .security import refuse_open_bind
@@ -147,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("migrate", help="migrate the event log's schema")
     commands.add_parser("check", help="validate settings and process files")
     commands.add_parser("relay", help="publish the event log to Kafka")
+    ops.add_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -158,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(settings)
         if args.command == "relay":
             return _relay(settings)
+        if args.command in ops.COMMANDS:
+            return ops.run(args, settings)
         return _check(settings)
     except ProgressionError as exc:
         configure_logging()
