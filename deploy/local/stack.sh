@@ -18,10 +18,15 @@ set -euo pipefail
 # shellcheck source=deploy/local/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-COMPONENTS=(postgres kafka)
+COMPONENTS=(postgres kafka apps)
 
 exports_postgres() {
     printf 'export DEALLEDGER_TEST_PG_URL=%q\n' "$("$LOCAL_SCRIPTS_DIR/postgres.sh" url)"
+}
+
+exports_apps() {
+    printf 'export PROGRESSION_URL=http://127.0.0.1:%s\n' "${PROGRESSION_PORT:-8000}"
+    printf 'export METRICS_URL=http://127.0.0.1:%s\n' "${METRICS_PORT:-8001}"
 }
 
 exports_kafka() {
