@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from progression.eventlog import RecordedEvent
-from progression.relay import Relay
+from progression.eventlog import DealSummary, NewEvent, RecordedEvent, StreamWrite
+from progression.relay import PublishRefused, Relay
 from progression.service import Service
 from progression.settings import Settings, load_settings
 
@@ -211,6 +211,9 @@ class RelayThread:
         assert not self._thread.is_alive(), "the relay did not stop"
         assert self.error is None
 
+    def ended(self) -> bool:
+        return not self._thread.is_alive()
+
 
 # -- fixtures ------------------------------------------------------------------
 
@@ -361,3 +364,61 @@ def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
     check_exactly_once(read_topic(kafka_bootstrap, topic), logged)
     after = [e for e in logged if e.deal_id.startswith("after-")]
     assert second.published == len(after)
+
+
+def test_an_event_kafka_refuses_stops_the_relay_just_below_it(
+    service: Service,
+    database_url: str,
+    kafka_bootstrap: str,
+    topic: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="progression.relay")
+    submit_interleaved(service, ["small-1"])
+    below = head_position(service.engine)
+    # Over the producer's 1 MiB request limit. Appended to the log directly,
+    # past the contract's checks: only what Kafka makes of it matters here.
+    huge = NewEvent(
+        event_id="huge-1",
+        type="email.opened",
+        deal_id="huge",
+        occurred_at=service.ingestion.clock(),
+        data={"text": "x" * 1_100_000},
+        digest="ab" * 32,
+    )
+    service.log.append([StreamWrite("huge", 0, [huge], _summary("huge"))])
+    submit_interleaved(service, ["small-2"])
+
+    settings = relay_settings(database_url, kafka_bootstrap, topic)
+    relay = RelayThread(Relay(service.engine, settings)).start()
+    wait_for(relay.ended, "the relay to give up")
+
+    assert isinstance(relay.error, PublishRefused)
+    assert relay.error.event_id == "huge-1"
+    assert recorded_position(service.engine, topic) == below
+    [line] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "event_id=huge-1" in line.getMessage()
+    assert f"topic={topic}" in line.getMessage()
+    published = service.log.feed(0, 100_000)
+    check_exactly_once(
+        read_topic(kafka_bootstrap, topic),
+        [e for e in published if e.position <= below],
+    )
+
+
+def _summary(deal_id: str) -> DealSummary:
+    return DealSummary(
+        deal_id=deal_id,
+        version=0,
+        status="pending",
+        stage=None,
+        stage_entered_at=None,
+        process=None,
+        process_version=None,
+        owner=None,
+        amount=None,
+        currency=None,
+        lead_score=None,
+        created_at=None,
+        updated_at=None,
+    )
