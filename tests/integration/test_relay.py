@@ -2,8 +2,9 @@
 
 What a consumer of `deal-events` relies on: every event of the log is on the
 topic, keyed by its deal, as its envelope; one deal's events are on one
-partition in stream order; a restart resumes where the relay stopped; and
-while one relay publishes, a second one only stands by.
+partition in stream order; a restart resumes where the relay stopped;
+while one relay publishes, a second one only stands by; and an event Kafka
+refuses for good stops the relay just below it.
 """
 
 from __future__ import annotations
