@@ -314,6 +314,8 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     from .process import load_process_file
     from .simulation import DealFilter, simulate
 
+    if not args.process.is_file():
+        raise ValueError(f"--process: {args.process} is not a file")
     contract = Contract(settings.schemas_dir)
     candidate = load_process_file(args.process, contract.process_schema)
     selection = DealFilter(
