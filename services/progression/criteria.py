@@ -24,6 +24,7 @@ __all__ = [
     "parse_rule",
 ]
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,16 @@ class DealFacts:
         return deal
 
     def add(self, fact: Fact) -> None:
+        """Add a fact while building; `of` puts each type in order after."""
         self.by_type[fact.type].append(fact)
+        self._note_qualification(fact)
+
+    def insert(self, fact: Fact) -> None:
+        """Add one fact to an index already built, keeping each type in order."""
+        bisect.insort(self.by_type[fact.type], fact, key=lambda f: f.order)
+        self._note_qualification(fact)
+
+    def _note_qualification(self, fact: Fact) -> None:
         if fact.type == "qualification.updated":
             criterion = str(fact.data.get("criterion"))
             current = self.qualification.get(criterion)

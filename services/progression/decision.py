@@ -194,11 +194,15 @@ def _inputs(stream: Sequence[StreamEvent]) -> list[StreamEvent]:
     return [e for e in stream if e.type != STAGE_CHANGED]
 
 
-def decide(stream: Sequence[StreamEvent], process: Process) -> list[Decision]:
+def decide(
+    stream: Sequence[StreamEvent], process: Process, facts: DealFacts | None = None
+) -> list[Decision]:
     """The stage changes the stream calls for now, in the order they happen.
 
     Deciding again over the stream with these decisions appended returns
-    nothing: the engine is idempotent over its own output.
+    nothing: the engine is idempotent over its own output. `facts`, when
+    given, must index exactly the stream's inputs; a caller that extends a
+    stream event by event keeps one up to date instead of rebuilding it.
     """
     position = position_of(stream)
     if position.created is None:
@@ -231,7 +235,8 @@ def decide(stream: Sequence[StreamEvent], process: Process) -> list[Decision]:
         if decision is not None:
             record(decision)
 
-    facts = DealFacts.of(e.as_fact() for e in inputs)
+    if facts is None:
+        facts = DealFacts.of(e.as_fact() for e in inputs)
     # Rule 3: terminal outcomes first, then one hop at a time while due. An
     # advance that took effect before the loss or disqualification was even
     # evidenced comes first, so the drop is counted in the stage it left.

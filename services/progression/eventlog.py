@@ -813,6 +813,10 @@ def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
 
 def _rfc3339(moment: datetime) -> str:
     """RFC 3339 in UTC with "Z"; microseconds only when there are some."""
-    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    utc = (
+        moment.replace(tzinfo=None)
+        if moment.tzinfo is UTC
+        else moment.astimezone(UTC).replace(tzinfo=None)
+    )
     timespec = "microseconds" if utc.microsecond else "seconds"
     return utc.isoformat(timespec=timespec) + "Z"

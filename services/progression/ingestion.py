@@ -24,8 +24,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .contract import RESERVED_PREFIX, Contract
+from .criteria import DealFacts
 from .deal import view_of
-from .decision import StreamEvent, decide, process_ref
+from .decision import STAGE_CHANGED, StreamEvent, decide, process_ref
 from .errors import (
     EventConflict,
     InvalidEvent,
@@ -78,6 +79,7 @@ class _Pending:
 
     recorded: list[RecordedEvent]
     stream: list[StreamEvent]
+    facts: DealFacts
     new: list[NewEvent] = field(default_factory=list)
     items: list[int] = field(default_factory=list)
 
@@ -152,12 +154,11 @@ class Ingestion:
 
         deal_ids = list(dict.fromkeys(e.deal_id for e in fresh.values()))
         streams = self.log.read_streams(deal_ids)
-        pending = {
-            deal_id: _Pending(
-                streams.get(deal_id, []), stream_events(streams.get(deal_id, []))
-            )
-            for deal_id in deal_ids
-        }
+        pending = {}
+        for deal_id in deal_ids:
+            stream = stream_events(streams.get(deal_id, []))
+            facts = DealFacts.of(e.as_fact() for e in stream if e.type != STAGE_CHANGED)
+            pending[deal_id] = _Pending(streams.get(deal_id, []), stream, facts)
         for index, event in fresh.items():
             deal = pending[event.deal_id]
             problem = self._semantic_check(event, deal.stream)
@@ -274,20 +275,20 @@ class Ingestion:
 
     def _extend(self, deal: _Pending, event: NewEvent) -> None:
         deal.new.append(event)
-        deal.stream.append(
-            StreamEvent(
-                event.event_id,
-                event.type,
-                event.occurred_at,
-                upcast(event.type, event.schema_version, event.data),
-                deal.version + 1,
-            )
+        arrived = StreamEvent(
+            event.event_id,
+            event.type,
+            event.occurred_at,
+            upcast(event.type, event.schema_version, event.data),
+            deal.version + 1,
         )
+        deal.stream.append(arrived)
+        deal.facts.insert(arrived.as_fact())
         process = self._process_of(deal.stream, event.deal_id)
         if process is None:
             return
         now = self.clock()
-        for decision in decide(deal.stream, process):
+        for decision in decide(deal.stream, process, deal.facts):
             version = deal.version + 1
             data = decision.data()
             new = NewEvent(
