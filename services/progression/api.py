@@ -7,7 +7,7 @@ field names it with a JSON pointer in `errors[].pointer`.
 
 from __future__ import annotations
 
-__all__ = ["create_app"]
+__all__ = ["app_from_environment", "create_app"]
 
 import json
 import logging
@@ -524,3 +524,13 @@ def create_app(service: Service) -> FastAPI:
         )
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process, built from the environment's settings."""
+    from .logs import configure_logging
+    from .settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(Service.start(settings))

@@ -52,16 +52,27 @@ def _serve(settings: Settings) -> int:
         data,
         ",".join(service.catalog.process_keys()),
     )
-    config = uvicorn.Config(
-        create_app(service),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()
-    service.engine.dispose()
+    options: dict[str, object] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers > 1:
+        # Each worker process builds its own service from the environment;
+        # the database arbitrates between them as between replicas.
+        service.engine.dispose()
+        log.info("progression workers=%d", settings.workers)
+        uvicorn.run(
+            "progression.api:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            **options,  # type: ignore[arg-type]
+        )
+    else:
+        uvicorn.Server(uvicorn.Config(create_app(service), **options)).run()  # type: ignore[arg-type]
+        service.engine.dispose()
     log.info("progression stopped")
     return 0
 

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
     schemas_dir: Path = REPO_SCHEMAS
     processes_dir: Path | None = None
     webhook_secrets: str = ""
