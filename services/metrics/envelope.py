@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from metrics.errors import EventRejected
+from metrics.upcasting import UnknownSchemaVersion, upcast
 
 __all__ = [
     "EVENT_TYPES",
@@ -168,11 +169,15 @@ def parse_data(envelope: Envelope) -> BaseModel | None:
     data no read model uses. An unknown type raises `EventRejected`."""
     if envelope.type not in EVENT_TYPES:
         raise EventRejected(f"unknown event type={envelope.type!r}")
+    try:
+        data = upcast(envelope.type, envelope.schema_version, envelope.data)
+    except UnknownSchemaVersion as error:
+        raise EventRejected(str(error)) from None
     model = _DATA_MODELS.get(envelope.type)
     if model is None:
         return None
     try:
-        return model.model_validate(envelope.data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise EventRejected(
             f"data of type={envelope.type} breaks its schema: "
