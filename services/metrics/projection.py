@@ -27,10 +27,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from pydantic import BaseModel
 
 from metrics.envelope import (
     DealCreated,
@@ -44,7 +45,8 @@ from metrics.envelope import (
 )
 from metrics.errors import EventRejected, OffsetConflict, StorageUnavailable
 from metrics.processes import TERMINAL_STATES, Catalog
-from metrics.tables import deals, parked_events, stage_visits
+from metrics.tables import parked_events
+from metrics.writes import DEAL_COLUMNS, VISIT_COLUMNS, VisitClosing, writes_for
 
 __all__ = [
     "BatchResult",
@@ -60,7 +62,6 @@ Disposition = Literal["applied", "skipped", "parked"]
 ProgressWriter = Callable[[sa.Connection, "BatchResult"], None]
 
 ADVANCED, DROPPED, MOVED_BACK = "advanced", "dropped", "moved_back"
-_SELECT_CHUNK = 500
 
 
 @dataclass(slots=True)
@@ -77,6 +78,31 @@ class Incoming:
         if self.partition is not None:
             return f"topic={self.topic} partition={self.partition} offset={self.offset}"
         return f"source={self.source}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """An event whose envelope parsed, with its data as the projection reads
+    it, or the error that data raised (raised again when the event is
+    applied, after its stream version is checked)."""
+
+    envelope: Envelope
+    data: BaseModel | None
+    refused: Exception | None = None
+
+
+def _decode(item: Incoming) -> _Decoded | EventRejected:
+    """Parse one raw event: the envelope, then the data the projection reads."""
+    if item.value is None:
+        return EventRejected("empty message (no value)")
+    try:
+        envelope = parse_envelope(item.value)
+    except EventRejected as rejected:
+        return rejected
+    try:
+        return _Decoded(envelope, parse_data(envelope))
+    except Exception as error:
+        return _Decoded(envelope, None, error)
 
 
 @dataclass(slots=True)
@@ -111,14 +137,15 @@ class BatchResult:
         else:
             self.parked += 1
             tally.parked += 1
-        if item.offset is not None:
-            tally.next_offset = max(tally.next_offset or 0, item.offset + 1)
+        offset = item.offset
+        if offset is not None:
+            known = tally.next_offset or 0
+            tally.next_offset = offset + 1 if offset >= known else known
         if position is not None:
-            self.last_position = max(self.last_position or 0, position)
-            tally.last_position = max(tally.last_position or 0, position)
-
-
-_DEAL_COLUMNS = [column.name for column in deals.columns]
+            known = self.last_position or 0
+            self.last_position = position if position > known else known
+            known = tally.last_position or 0
+            tally.last_position = position if position > known else known
 
 
 @dataclass(slots=True)
@@ -146,9 +173,6 @@ class _Deal:
     stored: bool = False
     changed: bool = False
 
-    def row(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _DEAL_COLUMNS}
-
 
 @dataclass(slots=True)
 class _Visit:
@@ -163,19 +187,14 @@ class _Visit:
     outcome: str | None = None
     duration_us: int | None = None
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "deal_id": self.deal_id,
-            "seq": self.seq,
-            "stage": self.stage,
-            "entered_us": self.entered_us,
-            "left_us": self.left_us,
-            "left_to": self.left_to,
-            "left_cause": self.left_cause,
-            "left_reason": self.left_reason,
-            "outcome": self.outcome,
-            "duration_us": self.duration_us,
-        }
+
+# A stored deal is read back positionally and both are written by field
+# name: their fields must follow the tables' columns.
+if (
+    tuple(f.name for f in fields(_Deal))[: len(DEAL_COLUMNS)] != DEAL_COLUMNS
+    or tuple(f.name for f in fields(_Visit)) != VISIT_COLUMNS
+):
+    raise RuntimeError("the projection's records no longer match the tables")
 
 
 @dataclass(slots=True)
@@ -184,7 +203,7 @@ class _Changes:
 
     deals: dict[str, _Deal] = field(default_factory=dict)
     new_visits: dict[tuple[str, int], _Visit] = field(default_factory=dict)
-    closed_visits: list[dict[str, Any]] = field(default_factory=list)
+    closed_visits: list[VisitClosing] = field(default_factory=list)
     parked: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -224,32 +243,7 @@ class Projection:
     def __init__(self, engine: sa.Engine, catalog: Catalog) -> None:
         self._engine = engine
         self._catalog = catalog
-        self._update_deal = (
-            deals.update()
-            .where(deals.c.deal_id == sa.bindparam("b_deal_id"))
-            .values(
-                {
-                    name: sa.bindparam(f"b_{name}")
-                    for name in _DEAL_COLUMNS
-                    if name != "deal_id"
-                }
-            )
-        )
-        self._close_visit = (
-            stage_visits.update()
-            .where(
-                stage_visits.c.deal_id == sa.bindparam("b_deal_id"),
-                stage_visits.c.seq == sa.bindparam("b_seq"),
-            )
-            .values(
-                left_us=sa.bindparam("b_left_us"),
-                left_to=sa.bindparam("b_left_to"),
-                left_cause=sa.bindparam("b_left_cause"),
-                left_reason=sa.bindparam("b_left_reason"),
-                outcome=sa.bindparam("b_outcome"),
-                duration_us=sa.bindparam("b_duration_us"),
-            )
-        )
+        self._writes = writes_for(engine)
 
     # -- the transaction ------------------------------------------------------
 
@@ -260,7 +254,7 @@ class Projection:
         transaction is rolled back) and `StorageUnavailable` when the
         database cannot be reached; both are worth retrying.
         """
-        decoded = [self._decode(item) for item in batch]
+        decoded = [_decode(item) for item in batch]
         try:
             with self._engine.begin() as connection:
                 result = BatchResult()
@@ -285,7 +279,7 @@ class Projection:
     def _apply_one_by_one(
         self,
         batch: Sequence[Incoming],
-        decoded: Sequence[Envelope | EventRejected],
+        decoded: Sequence[_Decoded | EventRejected],
         progress: ProgressWriter,
     ) -> BatchResult:
         """The fallback: each event in its own savepoint; one that still fails
@@ -293,14 +287,12 @@ class Projection:
         try:
             with self._engine.begin() as connection:
                 result = BatchResult()
-                for item, envelope in zip(batch, decoded, strict=True):
+                for item, event in zip(batch, decoded, strict=True):
                     single = BatchResult()
                     changes = _Changes()
                     try:
                         with connection.begin_nested():
-                            self._project(
-                                connection, [item], [envelope], single, changes
-                            )
+                            self._project(connection, [item], [event], single, changes)
                             self._write(connection, changes)
                     except (sa.exc.OperationalError, sa.exc.InterfaceError):
                         raise
@@ -309,7 +301,7 @@ class Projection:
                         single = BatchResult()
                         changes = _Changes()
                         unwritable = EventRejected(f"cannot be written: {error}")
-                        parsed = envelope if isinstance(envelope, Envelope) else None
+                        parsed = event.envelope if isinstance(event, _Decoded) else None
                         self._park(item, parsed, unwritable, single, changes)
                         if parsed is not None:
                             self._advance_past(connection, parsed, changes)
@@ -355,45 +347,35 @@ class Projection:
 
     # -- in memory --------------------------------------------------------------
 
-    @staticmethod
-    def _decode(item: Incoming) -> Envelope | EventRejected:
-        if item.value is None:
-            return EventRejected("empty message (no value)")
-        try:
-            return parse_envelope(item.value)
-        except EventRejected as rejected:
-            return rejected
-
     def _load(
         self, connection: sa.Connection, deal_ids: Iterable[str]
     ) -> dict[str, _Deal]:
-        wanted = sorted(set(deal_ids))
+        """The stored states of the deals, read in one query (in key order);
+        deals not stored yet are absent."""
         states: dict[str, _Deal] = {}
-        for start in range(0, len(wanted), _SELECT_CHUNK):
-            chunk = wanted[start : start + _SELECT_CHUNK]
-            rows = connection.execute(
-                sa.select(deals).where(deals.c.deal_id.in_(chunk))
-            ).mappings()
-            for row in rows:
-                states[row["deal_id"]] = _Deal(**row, stored=True)
+        for row in self._writes.load_deals(connection, sorted(set(deal_ids))):
+            state = states[row[0]] = _Deal(*row)
+            state.stored = True
         return states
 
     def _project(
         self,
         connection: sa.Connection,
         batch: Sequence[Incoming],
-        decoded: Sequence[Envelope | EventRejected],
+        decoded: Sequence[_Decoded | EventRejected],
         result: BatchResult,
         changes: _Changes,
     ) -> None:
         states = self._load(
-            connection, (e.deal_id for e in decoded if isinstance(e, Envelope))
+            connection,
+            (e.envelope.deal_id for e in decoded if isinstance(e, _Decoded)),
         )
         changes.deals = states
-        for item, envelope in zip(batch, decoded, strict=True):
-            if isinstance(envelope, EventRejected):
-                self._park(item, None, envelope, result, changes)
+        for item, event in zip(batch, decoded, strict=True):
+            if isinstance(event, EventRejected):
+                self._park(item, None, event, result, changes)
                 continue
+            envelope = event.envelope
             state = states.get(envelope.deal_id)
             if state is None:
                 state = states[envelope.deal_id] = _Deal(envelope.deal_id)
@@ -411,7 +393,7 @@ class Projection:
                     item.describe(),
                 )
             try:
-                self._apply_event(state, envelope, changes)
+                self._apply_event(state, event, changes)
             except EventRejected as refused:
                 self._park(item, envelope, refused, result, changes)
             except Exception as error:
@@ -477,9 +459,11 @@ class Projection:
         )
         result.count(item, "parked", position)
 
-    def _apply_event(self, state: _Deal, envelope: Envelope, changes: _Changes) -> None:
+    def _apply_event(self, state: _Deal, event: _Decoded, changes: _Changes) -> None:
+        if event.refused is not None:
+            raise event.refused
+        envelope, data = event.envelope, event.data
         kind = envelope.type
-        data = parse_data(envelope)
         if kind == "stage.changed":
             assert isinstance(data, StageChanged)
             self._stage_changed(state, data, changes)
@@ -519,23 +503,29 @@ class Projection:
         # Leave the open visit, if the deal is in a stage.
         if state.status == "open" and state.stage is not None:
             entered_us = state.stage_entered_us or effective_us
-            closing = {
-                "left_us": effective_us,
-                "left_to": data.to,
-                "left_cause": data.cause,
-                "left_reason": data.reason,
-                "outcome": self._outcome(state, state.stage, data),
-                "duration_us": max(0, effective_us - entered_us),
-            }
+            outcome = self._outcome(state, state.stage, data)
+            duration_us = max(0, effective_us - entered_us)
             visit = changes.new_visits.get((state.deal_id, state.visit_count))
             if visit is not None:
-                for name, value in closing.items():
-                    setattr(visit, name, value)
+                visit.left_us = effective_us
+                visit.left_to = data.to
+                visit.left_cause = data.cause
+                visit.left_reason = data.reason
+                visit.outcome = outcome
+                visit.duration_us = duration_us
             else:
-                closing = {f"b_{name}": value for name, value in closing.items()}
-                closing["b_deal_id"] = state.deal_id
-                closing["b_seq"] = state.visit_count
-                changes.closed_visits.append(closing)
+                changes.closed_visits.append(
+                    VisitClosing(
+                        state.deal_id,
+                        state.visit_count,
+                        effective_us,
+                        data.to,
+                        data.cause,
+                        data.reason,
+                        outcome,
+                        duration_us,
+                    )
+                )
 
         # Enter the next stage, or end in a terminal state.
         if data.to in TERMINAL_STATES:
@@ -578,23 +568,30 @@ class Projection:
     # -- to the database --------------------------------------------------------
 
     def _write(self, connection: sa.Connection, changes: _Changes) -> None:
-        inserts, updates = [], []
-        for state in sorted(changes.deals.values(), key=lambda s: s.deal_id):
-            if not state.changed:
-                continue
-            if state.stored:
-                updates.append({f"b_{k}": v for k, v in state.row().items()})
-            else:
-                inserts.append(state.row())
+        """Write the batch's changes with one statement per kind of change;
+        rows in key order, so that concurrent writers lock in the same order."""
+        inserts: list[_Deal] = []
+        updates: list[_Deal] = []
+        for state in sorted(changes.deals.values(), key=_deal_key):
+            if state.changed:
+                (updates if state.stored else inserts).append(state)
+        writes = self._writes
         if inserts:
-            connection.execute(deals.insert(), inserts)
+            writes.insert_deals(connection, inserts)
         if updates:
-            connection.execute(self._update_deal, updates)
+            writes.update_deals(connection, updates)
         if changes.new_visits:
-            connection.execute(
-                stage_visits.insert(), [v.row() for v in changes.new_visits.values()]
-            )
+            writes.insert_visits(connection, list(changes.new_visits.values()))
         if changes.closed_visits:
-            connection.execute(self._close_visit, changes.closed_visits)
+            closings = sorted(changes.closed_visits, key=_visit_key)
+            writes.close_visits(connection, closings)
         if changes.parked:
             connection.execute(parked_events.insert(), changes.parked)
+
+
+def _deal_key(state: _Deal) -> str:
+    return state.deal_id
+
+
+def _visit_key(closing: VisitClosing) -> tuple[str, int]:
+    return closing.deal_id, closing.seq
