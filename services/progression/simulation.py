@@ -44,6 +44,7 @@ from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
+from .criteria import DealFacts
 from .db import create_engine
 from .decision import STAGE_CHANGED, Decision, StreamEvent, decide, process_ref
 from .errors import ProgressionError, UnknownDeal
@@ -168,14 +169,15 @@ def redecide(inputs: Sequence[StreamEvent], process: Process) -> list[Decision]:
     The process replaces the one the deal's `deal.created` names.
     """
     stream: list[StreamEvent] = []
+    facts = DealFacts()  # the inputs' facts, kept up to date as ingestion does
     decisions: list[Decision] = []
     for item in inputs:
-        stream.append(
-            StreamEvent(
-                item.event_id, item.type, item.occurred_at, item.data, len(stream) + 1
-            )
+        arrived = StreamEvent(
+            item.event_id, item.type, item.occurred_at, item.data, len(stream) + 1
         )
-        for decision in decide(stream, process):
+        stream.append(arrived)
+        facts.insert(arrived.as_fact())
+        for decision in decide(stream, process, facts):
             decisions.append(decision)
             stream.append(
                 StreamEvent(

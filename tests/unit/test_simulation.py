@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from fractions import Fraction
 
@@ -11,9 +12,10 @@ import pytest
 
 from progression.contract import Contract
 from progression.criteria import DealFacts
-from progression.decision import StreamEvent
+from progression.decision import StreamEvent, decide
 from progression.history import EPOCH, generate
 from progression.simulation import MEDIAN, P90, parse_moment, percentile, redecide
+from progression.upcasting import upcast
 
 from .engine_support import CATALOG, SCHEMAS, Deal, Input, effective, ev, happy_path
 
@@ -59,6 +61,39 @@ def test_redeciding_gives_what_the_engine_gave_one_input_at_a_time() -> None:
     items = happy_path("d")
     recorded = Deal().post_all(items)
     assert effective(redecide(stream(items), DEFAULT)) == effective(recorded.decisions)
+
+
+def test_redeciding_a_generated_history_matches_the_engine_rebuilding_facts() -> None:
+    deals: dict[str, list[StreamEvent]] = defaultdict(list)
+    for raw in generate(150, seed=9):
+        deals[raw["deal_id"]].append(
+            StreamEvent(
+                raw["event_id"],
+                raw["type"],
+                datetime.fromisoformat(raw["occurred_at"]),
+                upcast(raw["type"], raw.get("schema_version", 1), raw["data"]),
+                len(deals[raw["deal_id"]]) + 1,
+            )
+        )
+    for process in (DEFAULT, FAST_TRACK):
+        for inputs in deals.values():
+            # The reference: facts rebuilt from the whole stream every time.
+            stream: list[StreamEvent] = []
+            expected = []
+            for item in inputs:
+                stream.append(replace(item, arrival=len(stream) + 1))
+                for decision in decide(stream, process):
+                    expected.append(decision)
+                    stream.append(
+                        StreamEvent(
+                            "d",
+                            "stage.changed",
+                            decision.effective_at,
+                            decision.data(),
+                            len(stream) + 1,
+                        )
+                    )
+            assert redecide(inputs, process) == expected
 
 
 def test_the_candidate_process_replaces_the_one_the_deal_names() -> None:
