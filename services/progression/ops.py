@@ -1,9 +1,10 @@
-"""Operator commands of `progression`: simulate, export, import, generate.
+"""Operator commands of `progression`: simulate, export, import, generate, replay.
 
 progression simulate   decide the recorded inputs again under a candidate process
 progression export     write the log, or part of it, as JSON Lines
 progression import     append an exported (or generated) file to this instance
 progression generate   write a generated sales history as JSON Lines
+progression replay     publish a range of the log to a Kafka topic, resumably
 
 `progression.cli` registers them with `add_commands` and hands the parsed
 arguments to `run`; `python -m progression.ops` runs them on their own.
@@ -19,7 +20,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,12 +53,13 @@ if TYPE_CHECKING:
     from .contract import Contract
     from .eventlog import EventLog
     from .process import ProcessCatalog
+    from .replay import ReplayRefused, ReplaySummary
 
 log = logging.getLogger("progression.ops")  # also when run as __main__
 
-COMMANDS = frozenset({"simulate", "export", "import", "generate"})
+COMMANDS = frozenset({"simulate", "export", "import", "generate", "replay"})
 EXIT_REFUSED = 2  # bad arguments, settings or files: nothing was done
-EXIT_INCOMPLETE = 1  # an import left conflicting or invalid lines out
+EXIT_INCOMPLETE = 1  # an import left lines out; a replay gave up part way
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 
 Report = Callable[[int, int | None], None]
@@ -65,7 +69,7 @@ Report = Callable[[int, int | None], None]
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register simulate, export, import and generate on `progression`."""
+    """Register simulate, export, import, generate and replay on `progression`."""
     simulate = subparsers.add_parser(
         "simulate",
         help="decide the recorded inputs again under a candidate process",
@@ -161,6 +165,43 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     generate.add_argument("--deals", type=int, required=True, metavar="N")
     generate.add_argument("--seed", type=int, default=0, metavar="S")
 
+    replay = subparsers.add_parser(
+        "replay",
+        help="publish a range of the event log to a Kafka topic",
+        description="Publish the events between two positions (both included), "
+        "of every deal or of the deals named, in position order to a topic, "
+        "keyed and encoded as the relay does. Run again with the same "
+        "arguments it resumes where it stopped, and once complete it publishes "
+        "nothing more, unless --restart. SIGINT or SIGTERM stops it cleanly.",
+    )
+    replay.add_argument("--to-topic", required=True, metavar="T", help="the topic")
+    replay.add_argument(
+        "--from-position",
+        type=int,
+        default=1,
+        metavar="P",
+        help="the first position (default 1)",
+    )
+    replay.add_argument(
+        "--to-position",
+        type=int,
+        metavar="Q",
+        help="the last position (default: the head when the replay starts)",
+    )
+    replay.add_argument(
+        "--deal",
+        action="append",
+        default=[],
+        dest="deals",
+        metavar="D",
+        help="only this deal's events (repeatable)",
+    )
+    replay.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over, even if this replay stopped part way or completed",
+    )
+
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one of `COMMANDS`; the exit status."""
@@ -169,6 +210,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "export": _export,
         "import": _import,
         "generate": _generate,
+        "replay": _replay,
     }
     try:
         return handlers[args.command](args, settings)
@@ -671,6 +713,143 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
         time.perf_counter() - started,
     )
     return 0
+
+
+# -- replay ----------------------------------------------------------------------
+
+# The option of `progression replay` behind each field of a ReplayRange.
+_REPLAY_OPTIONS = {
+    "topic": "--to-topic",
+    "from_position": "--from-position",
+    "to_position": "--to-position",
+    "deal_ids": "--deal",
+}
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from .db import migrate
+    from .replay import ReplayFailed, ReplayRange, ReplayRefused, replay
+
+    try:
+        wanted = ReplayRange(
+            args.to_topic, args.from_position, args.to_position, tuple(args.deals)
+        )
+    except ReplayRefused as exc:
+        raise ValueError(_replay_option(exc)) from None
+    engine = _open_engine(settings)
+    stop = threading.Event()
+    signalled: list[int] = []
+    try:
+        migrate(engine)  # replay_progress may be newer than the log's schema
+        with (
+            _stop_on_signals(stop, signalled),
+            _progress("replaying", "events") as report,
+        ):
+            summary = replay(
+                engine,
+                settings,
+                wanted,
+                restart=args.restart,
+                stop=stop,
+                report=report,
+            )
+    except ReplayRefused as exc:
+        raise ValueError(_replay_option(exc)) from None
+    except ReplayFailed as exc:
+        _show_replay(exc.summary)
+        _err().print(
+            f"progression replay: gave up: {exc}; run the same command again to resume",
+            markup=False,
+            soft_wrap=True,
+        )
+        return EXIT_INCOMPLETE
+    finally:
+        engine.dispose()
+
+    _show_replay(summary)
+    if signalled and not summary.complete:
+        return 128 + signalled[0]
+    return 0
+
+
+def _replay_option(refused: ReplayRefused) -> str:
+    option = _REPLAY_OPTIONS.get(refused.argument, refused.argument)
+    return f"{option}: {refused.rule}"
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event, signalled: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop`; a second one does what it did before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {
+        signum: signal.getsignal(signum) or signal.SIG_DFL
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+
+    def request_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum)
+        log.info("replay stop requested signal=%s", name.name)
+        signalled.append(signum)
+        stop.set()
+        signal.signal(name, previous[name])
+
+    for signum in previous:
+        signal.signal(signum, request_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _show_replay(summary: ReplaySummary) -> None:
+    console = _out()
+    deals = ""
+    if summary.deal_ids:
+        noun = "deal" if len(summary.deal_ids) == 1 else "deals"
+        deals = f" of {noun} {', '.join(summary.deal_ids)}"
+    span = f"positions {summary.from_position:,} to {summary.to_position:,}{deals}"
+    if summary.already_complete:
+        console.print(
+            f"published 0 events to {summary.topic}: replay {summary.replay_id} "
+            f"was already complete ({summary.published:,} events, {span}); "
+            "--restart publishes them again",
+            markup=False,
+            soft_wrap=True,
+        )
+        return
+    sent = (
+        f"positions {summary.first_position:,} to {summary.last_position:,}"
+        if summary.first_position is not None and summary.last_position is not None
+        else "no positions"
+    )
+    rate = summary.events_per_s
+    console.print(
+        f"published {summary.events:,} events to {summary.topic} ({sent}) in "
+        f"{summary.seconds:.1f} s, {0 if rate is None else rate:,.0f} events/s",
+        markup=False,
+        soft_wrap=True,
+    )
+    resumed = (
+        ""
+        if summary.resumed_after is None
+        else f", resumed after position {summary.resumed_after:,}"
+    )
+    if summary.complete:
+        state = (
+            f"complete{resumed}: all {summary.total:,} events of {span} are on the "
+            "topic"
+        )
+    else:
+        state = (
+            f"stopped at position {summary.position:,}{resumed}: "
+            f"{summary.published:,} of the {summary.total:,} events of {span} are "
+            "on the topic; run the same command again to resume (--restart "
+            "starts over)"
+        )
+    console.print(f"replay {summary.replay_id} {state}", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

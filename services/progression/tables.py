@@ -2,7 +2,9 @@
 
 Beside them, the relay's own two tables: how far it has published to each
 topic (`relay_progress`) and, on SQLite, which relay may publish
-(`relay_lease`; see `progression.relay`).
+(`relay_lease`; see `progression.relay`); and how far each replay of a
+range of the log to a topic got (`replay_progress`; see
+`progression.replay`).
 
 One `MetaData` with a naming convention, so every constraint and index has a
 name the migrations can refer to and the event log can recognise in a
@@ -22,6 +24,7 @@ __all__ = [
     "processes",
     "relay_lease",
     "relay_progress",
+    "replay_progress",
 ]
 
 from datetime import UTC, datetime
@@ -166,4 +169,28 @@ relay_lease = sa.Table(
     sa.Column("holder", sa.String(200), nullable=False),
     sa.Column("acquired_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
+replay_progress = sa.Table(
+    "replay_progress",
+    metadata,
+    # A digest of the replay's arguments: topic, range and deal filter.
+    sa.Column("replay_id", sa.String(32), primary_key=True),
+    sa.Column("topic", TOPIC, nullable=False),
+    sa.Column("from_position", POSITION, nullable=False),
+    # The last position of the range: the one given, or the log's head when
+    # the replay (re)started without one.
+    sa.Column("to_position", POSITION, nullable=False),
+    # The deal ids of the filter, sorted, as a JSON array; [] for every deal.
+    sa.Column("deal_ids", JSON_DOCUMENT, nullable=False),
+    # The highest position of the range that Kafka has acknowledged together
+    # with every event of the range below it; from_position - 1 at the start.
+    sa.Column("position", POSITION, nullable=False),
+    # Events of the range acknowledged up to `position`.
+    sa.Column("published", sa.BigInteger, nullable=False),
+    # The run allowed to record; a run that finds another here stops.
+    sa.Column("run_id", sa.String(32), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
 )
