@@ -9,6 +9,7 @@ progression simulate   decide recorded inputs again under a candidate process
 progression export     write the log as JSON Lines
 progression import     append an exported or generated JSON Lines file
 progression generate   write a generated sales history as JSON Lines
+progression replay     publish a range of the log to a topic, resumably
 """
 
 from __future__ import annotations
