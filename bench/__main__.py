@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # Name -> module of this package with a `main() -> int`. Add a benchmark here.
 BENCHMARKS = {
     "write_path": "bench.write_path",
+    "projector": "bench.projector",
     "operations": "bench.operations",
 }
 
