@@ -75,6 +75,18 @@ sys.exit(1)
 PY
 }
 
+# The relay and the projector have no readiness endpoint: at least they
+# must not have exited by the time both APIs are ready.
+still_running() {
+    local name
+    for name in "${APPS[@]}"; do
+        if ! pid_of "$name" >/dev/null; then
+            show_log_tail "$APPS_DIR/$name.log"
+            die "$name exited after it was started"
+        fi
+    done
+}
+
 start() {
     mkdir -p "$APPS_DIR"
     local kafka progression_db metrics_db
@@ -94,9 +106,17 @@ start() {
     launch progression "$BIN/progression" serve
     wait_ready "http://127.0.0.1:$progression_port/readyz" progression
     launch relay "$BIN/progression" relay
+    # The projector and the metrics API each migrate the read models when
+    # they start, without a lock: two first migrations at once on a fresh
+    # database fail (duplicate metrics_alembic_version). Migrate once first.
+    if ! "$BIN/metrics" migrate >>"$APPS_DIR/metrics.log" 2>&1; then
+        show_log_tail "$APPS_DIR/metrics.log"
+        die "the read models could not be migrated"
+    fi
     launch projector "$BIN/metrics" project --source kafka
     launch metrics "$BIN/metrics" serve
     wait_ready "http://127.0.0.1:$metrics_port/readyz" metrics
+    still_running
     printf '\n  progression API  http://127.0.0.1:%s\n' "$progression_port" >&2
     printf '  metrics API      http://127.0.0.1:%s\n' "$metrics_port" >&2
     printf '  logs             %s\n\n' "$APPS_DIR" >&2
