@@ -19,15 +19,16 @@ __all__ = ["KafkaEndOffsets", "parked", "projector_status"]
 
 logger = logging.getLogger(__name__)
 
-_RETRY_AFTER_FAILURE_S = 30.0
+_RETRY_AFTER_FAILURE_S = 2.0
 
 
 class KafkaEndOffsets:
     """Asks the broker for the log-end offsets, for the lag.
 
     Kept apart from the projector's consumer: the API may run in another
-    process. After a failure it does not ask again for 30 s, so an
-    unreachable broker slows down at most one status request in that time.
+    process. After a failure it does not ask again for 2 s, so an
+    unreachable broker slows down at most one status request in that time
+    (a failure while the topic is still being created clears itself soon).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -53,7 +54,6 @@ class KafkaEndOffsets:
                     self._consumer = KafkaConsumer(
                         bootstrap_servers=self._settings.kafka_bootstrap.split(","),
                         enable_auto_commit=False,
-                        api_version_auto_timeout_ms=2000,
                         request_timeout_ms=31_000,
                     )
                 found = self._consumer.end_offsets(
