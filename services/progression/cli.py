@@ -72,7 +72,9 @@ def _serve(settings: Settings) -> int:
             **options,  # type: ignore[arg-type]
         )
     else:
-        uvicorn.Server(uvicorn.Config(create_app(service), **options)).run()  # type: ignore[arg-type]
+        app = create_app(service)
+        config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
+        uvicorn.Server(config).run()
         service.engine.dispose()
     log.info("progression stopped")
     return 0
