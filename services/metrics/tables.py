@@ -17,6 +17,7 @@ __all__ = [
     "feed_position",
     "metadata",
     "parked_events",
+    "rebuilds",
     "stage_visits",
 ]
 
@@ -105,6 +106,7 @@ feed_position = sa.Table(
 # Events the projection could not apply, with the reason and the raw value.
 parked_events = sa.Table(
     "parked_events",
+    "rebuilds",
     metadata,
     sa.Column(
         "id",
@@ -123,4 +125,30 @@ parked_events = sa.Table(
     sa.Column("event_type", sa.String(64)),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("raw", sa.Text, nullable=False),
+)
+
+# One row per `metrics rebuild`: where it stands, for the status API and for
+# resuming. `state` is building, switched or abandoned; `done` and `total`
+# count in the source's unit (offsets on Kafka, positions on the feed).
+rebuilds = sa.Table(
+    "rebuilds",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("started_us", sa.BigInteger, nullable=False),
+    sa.Column("updated_us", sa.BigInteger, nullable=False),
+    sa.Column("finished_us", sa.BigInteger),
+    sa.Column("runs", sa.Integer, nullable=False),
+    sa.Column("done", sa.BigInteger, nullable=False),
+    sa.Column("total", sa.BigInteger),
+    sa.Column("events_applied", sa.BigInteger, nullable=False),
+    sa.Column("last_position", sa.BigInteger),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_rebuilds_state", "state"),
 )
