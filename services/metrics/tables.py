@@ -106,7 +106,6 @@ feed_position = sa.Table(
 # Events the projection could not apply, with the reason and the raw value.
 parked_events = sa.Table(
     "parked_events",
-    "rebuilds",
     metadata,
     sa.Column(
         "id",
