@@ -182,6 +182,24 @@ class PartitionStatus(BaseModel):
     updated_at: str
 
 
+class RebuildStatus(BaseModel):
+    id: int
+    source: str = Field(description="kafka or feed: where the rebuild reads.")
+    state: str = Field(
+        description="building (or stopped part way: see updated_at), switched "
+        "or abandoned."
+    )
+    started_at: str
+    updated_at: str
+    finished_at: str | None
+    runs: int = Field(description="How many times it was started; > 1: resumed.")
+    done: int = Field(description="Offsets (Kafka) or positions (feed) read.")
+    total: int | None = Field(description="The end of the source when last seen.")
+    fraction_done: float | None
+    events_applied: int
+    last_position: int | None
+
+
 class ProjectorStatus(BaseModel):
     source: str | None = Field(description="kafka or feed: the source that wrote last.")
     topic: str | None
@@ -192,6 +210,9 @@ class ProjectorStatus(BaseModel):
     events_skipped: int
     parked: int
     updated_at: str | None
+    rebuild: RebuildStatus | None = Field(
+        default=None, description="The latest rebuild of the read models, if any."
+    )
 
 
 class ParkedEvent(BaseModel):

@@ -1,4 +1,4 @@
-"""The `metrics` command: migrate, serve, project, run."""
+"""The `metrics` command: migrate, serve, project, run, rebuild."""
 
 from __future__ import annotations
 
@@ -46,6 +46,36 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="the projector on a background thread and the API in one process"
     )
     run.add_argument("--source", choices=["kafka", "feed"], default="feed")
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="build the read models again from the start of the history, then "
+        "switch to them; the API serves the current ones meanwhile",
+        description="Projects the whole history into fresh tables beside the "
+        "read models while the API and the live projector go on, then replaces "
+        "the read models with them in one transaction. Stopped or killed, it "
+        "leaves the read models as they were; run it again to resume.",
+    )
+    rebuild.add_argument(
+        "--source",
+        choices=["kafka", "feed"],
+        default="feed",
+        help="where the history is read from (default: feed, the progression "
+        "service, which holds the whole log whatever Kafka's retention)",
+    )
+    choice = rebuild.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--restart",
+        action="store_true",
+        help="drop a rebuild in progress and start from the beginning",
+    )
+    choice.add_argument(
+        "--abandon",
+        action="store_true",
+        help="drop a rebuild in progress and do nothing else",
+    )
+    rebuild.add_argument(
+        "--json", action="store_true", help="print the summary as JSON"
+    )
     return parser
 
 
@@ -108,6 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop = threading.Event()
             _stop_on_signals(stop)
             run_projector(settings, arguments.source, stop)
+        elif arguments.command == "rebuild":
+            from metrics.rebuild_cli import rebuild_command
+
+            stop = threading.Event()
+            _stop_on_signals(stop)
+            return rebuild_command(settings, arguments, stop)
     except ConfigurationError as error:
         logger.error("%s", error)
         return EXIT_CONFIGURATION

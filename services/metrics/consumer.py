@@ -1,4 +1,5 @@
-"""The Kafka source: a consumer in the projector group.
+"""The Kafka source: a consumer in the projector group, or alone on every
+partition for a rebuild.
 
 Offsets live only in the read-model database, committed in the same
 transaction as the read-model changes (Kafka's own group offsets are never
@@ -13,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -54,15 +56,33 @@ class KafkaSource:
     """Consumes the topic and applies every poll's records, until `stop`."""
 
     def __init__(
-        self, settings: Settings, projection: Projection, offsets: KafkaOffsets
+        self,
+        settings: Settings,
+        projection: Projection,
+        offsets: KafkaOffsets,
+        *,
+        group: bool = True,
+        catch_up_within: int | None = None,
     ) -> None:
+        """`group`: share the topic's partitions with the other projectors of
+        the consumer group; without it, read every partition alone (a
+        rebuild). `catch_up_within`: watch the end of the topic and set
+        `caught_up` once at most that many records are left to read."""
         self._settings = settings
         self._projection = projection
         self._offsets = offsets
+        self._group = group
+        self._catch_up_within = catch_up_within
         self._consumer: Any = None
         # What this process believes is stored per partition (None: no row).
         self._expected: dict[int, int | None] = {}
+        self._ends_checked = 0.0
         self.applied = 0
+        self.caught_up = threading.Event()
+        # Records left to read and the end of each partition, as last seen
+        # (with `catch_up_within` only).
+        self.lag: int | None = None
+        self.end_offsets: dict[int, int] = {}
 
     # -- partition assignment ---------------------------------------------------
 
@@ -102,7 +122,7 @@ class KafkaSource:
             try:
                 return KafkaConsumer(
                     bootstrap_servers=settings.kafka_bootstrap.split(","),
-                    group_id=settings.kafka_group,
+                    group_id=settings.kafka_group if self._group else None,
                     client_id=f"metrics-{socket.gethostname()}-{os.getpid()}",
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
@@ -130,12 +150,16 @@ class KafkaSource:
         if consumer is None:
             return
         topic = settings.kafka_topic
-        consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
+        if self._group:
+            consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
+        elif not self._assign_every_partition(consumer, stop):
+            consumer.close(autocommit=False)
+            return
         logger.info(
             "kafka source started bootstrap=%s topic=%s group=%s",
             settings.kafka_bootstrap,
             topic,
-            settings.kafka_group,
+            settings.kafka_group if self._group else "none",
         )
         delay_s = 0.2
         try:
@@ -144,6 +168,8 @@ class KafkaSource:
                     timeout_ms=settings.kafka_poll_timeout_ms,
                     max_records=settings.batch_max_events,
                 )
+                if self._catch_up_within is not None:
+                    self._watch_end(consumer, records)
                 if not records:
                     continue
                 batch = [
@@ -201,6 +227,55 @@ class KafkaSource:
         finally:
             consumer.close(autocommit=False)
             logger.info("kafka source stopped topic=%s", topic)
+
+    def _assign_every_partition(self, consumer: Any, stop: threading.Event) -> bool:
+        """Take every partition of the topic, without a group, and go to the
+        stored offsets; wait for the topic to exist. False when stopped."""
+        from kafka import TopicPartition
+
+        topic = self._settings.kafka_topic
+        while not stop.is_set():
+            try:
+                found = consumer.partitions_for_topic(topic)
+            except KafkaError as error:
+                found = None
+                logger.warning(
+                    "kafka metadata unavailable topic=%s error=%r", topic, error
+                )
+            if found:
+                partitions = [TopicPartition(topic, p) for p in sorted(found)]
+                consumer.assign(partitions)
+                self.seek_to_stored(partitions)
+                return True
+            logger.info("waiting for the topic to exist topic=%s", topic)
+            stop.wait(1.0)
+        return False
+
+    def _watch_end(self, consumer: Any, records: Any) -> None:
+        """At most once a second, or whenever a poll comes back empty: how
+        many records are left, and whether that is few enough to be caught
+        up. The positions are those after the records just polled."""
+        now = time.monotonic()
+        if records and now - self._ends_checked < 1.0:
+            return
+        self._ends_checked = now
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        try:
+            ends = consumer.end_offsets(list(assigned))
+            positions = {tp: consumer.position(tp) for tp in assigned}
+        except KafkaError as error:
+            logger.warning(
+                "kafka end offsets unavailable topic=%s error=%r",
+                self._offsets.topic,
+                error,
+            )
+            return
+        self.end_offsets = {tp.partition: int(end) for tp, end in ends.items()}
+        self.lag = sum(max(0, int(ends[tp]) - positions[tp]) for tp in assigned)
+        if self._catch_up_within is not None and self.lag <= self._catch_up_within:
+            self.caught_up.set()
 
     def _reseek_after_failure(self, consumer: Any, stop: threading.Event) -> None:
         """After a failed transaction, go back to what the database holds."""

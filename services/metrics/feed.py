@@ -30,9 +30,16 @@ logger = logging.getLogger(__name__)
 
 
 class FeedPage:
-    def __init__(self, events: list[dict[str, Any]], next_after: int) -> None:
+    def __init__(
+        self,
+        events: list[dict[str, Any]],
+        next_after: int,
+        head_position: int | None = None,
+    ) -> None:
         self.events = events
         self.next_after = next_after
+        # The log's last position when the page was read, if the feed says.
+        self.head_position = head_position
 
 
 class FeedClient:
@@ -88,7 +95,8 @@ class FeedClient:
                 f"url={self.url} after={after}: not a feed page (needs an 'events' "
                 "list and an integer 'next_after' not below 'after')"
             )
-        return FeedPage(events, next_after)
+        head = body.get("head_position")
+        return FeedPage(events, next_after, head if isinstance(head, int) else None)
 
 
 class FeedSource:
@@ -103,6 +111,8 @@ class FeedSource:
         self._client = FeedClient(settings)
         self.applied = 0
         self.caught_up = threading.Event()
+        # The log's last position as the feed last gave it (None: not known).
+        self.head_position: int | None = None
 
     def run(self, stop: threading.Event) -> None:
         settings = self._settings
@@ -133,6 +143,8 @@ class FeedSource:
                     )
                     raise
                 delay_s = idle_s
+                if page.head_position is not None:
+                    self.head_position = page.head_position
                 if not page.events:
                     self.caught_up.set()
                     stop.wait(idle_s)

@@ -10,12 +10,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from metrics.answers import ParkedAnswer, ParkedEvent, PartitionStatus, ProjectorStatus
+from metrics.answers import (
+    ParkedAnswer,
+    ParkedEvent,
+    PartitionStatus,
+    ProjectorStatus,
+    RebuildStatus,
+)
 from metrics.filters import format_micros
 from metrics.settings import Settings
-from metrics.tables import consumer_offsets, feed_position, parked_events
+from metrics.tables import consumer_offsets, feed_position, parked_events, rebuilds
 
-__all__ = ["KafkaEndOffsets", "parked", "projector_status"]
+__all__ = ["KafkaEndOffsets", "parked", "projector_status", "rebuild_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +137,33 @@ def projector_status(
         + (feed.events_skipped if feed is not None else 0),
         parked=parked_count,
         updated_at=format_micros(updated) if updated else None,
+        rebuild=rebuild_status(connection),
+    )
+
+
+def rebuild_status(connection: sa.Connection) -> RebuildStatus | None:
+    """The latest rebuild: the one in progress, or the last one that ended."""
+    row = connection.execute(
+        sa.select(rebuilds).order_by(rebuilds.c.id.desc()).limit(1)
+    ).first()
+    if row is None:
+        return None
+    fraction = None
+    if row.total:
+        fraction = round(min(1.0, row.done / row.total), 4)
+    return RebuildStatus(
+        id=row.id,
+        source=row.source,
+        state=row.state,
+        started_at=format_micros(row.started_us),
+        updated_at=format_micros(row.updated_us),
+        finished_at=format_micros(row.finished_us) if row.finished_us else None,
+        runs=row.runs,
+        done=row.done,
+        total=row.total,
+        fraction_done=fraction,
+        events_applied=row.events_applied,
+        last_position=row.last_position,
     )
 
 

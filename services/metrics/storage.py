@@ -45,11 +45,28 @@ def normalise_url(url: str) -> sa.URL:
     return parsed
 
 
-def create_engine(settings: Settings, *, writer: bool = False) -> sa.Engine:
-    """An engine on the read-model database; `writer` for the projector."""
-    url = normalise_url(settings.resolved_database_url)
+def create_engine(
+    settings: Settings,
+    *,
+    writer: bool = False,
+    url: str | sa.URL | None = None,
+    schema: str | None = None,
+) -> sa.Engine:
+    """An engine on the read-model database; `writer` for the projector.
+
+    `url` points it at another database with the same settings (a rebuild's
+    SQLite file); `schema` makes a PostgreSQL schema the only one its
+    statements see, so the read models' unqualified names resolve there
+    (a rebuild's fresh tables)."""
+    if url is None:
+        url = normalise_url(settings.resolved_database_url)
+    elif isinstance(url, str):
+        url = normalise_url(url)
     if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True)
+        connect_args = {}
+        if schema is not None:
+            connect_args["options"] = f"-c search_path={schema}"
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)

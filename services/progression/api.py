@@ -499,6 +499,9 @@ def create_app(service: Service) -> FastAPI:
         return {
             "events": [e.envelope() for e in events],
             "next_after": events[-1].position if events else after,
+            # Read after the page, so never below its last position: how far
+            # a reader is from the end (a rebuild's progress bar).
+            "head_position": service.log.head_position(),
         }
 
     app.include_router(simulation_router(service, require), tags=["operations"])

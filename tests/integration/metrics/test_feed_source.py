@@ -28,9 +28,15 @@ from tests.unit.metrics.conftest import Projected
 
 
 class StubFeed:
-    def __init__(self, events: list[dict[str, Any]], port: int = 0) -> None:
+    """Serves `events` as the progression feed does; `delay_s` slows every
+    page down (a long history read from far away)."""
+
+    def __init__(
+        self, events: list[dict[str, Any]], port: int = 0, delay_s: float = 0.0
+    ) -> None:
         self.events = events
         self.requests: list[tuple[int, int, str | None]] = []
+        self.delay_s = delay_s
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,10 +46,14 @@ class StubFeed:
                 after, limit = int(query["after"][0]), int(query["limit"][0])
                 stub.requests.append((after, limit, self.headers.get("authorization")))
                 page = [e for e in stub.events if e["position"] > after][:limit]
+                if stub.delay_s:
+                    time.sleep(stub.delay_s)
+                head = max((e["position"] for e in stub.events), default=0)
                 body = json.dumps(
                     {
                         "events": page,
                         "next_after": page[-1]["position"] if page else after,
+                        "head_position": head,
                     }
                 ).encode()
                 self.send_response(200)
