@@ -26,7 +26,7 @@ with warnings.catch_warnings():
     from kafka.consumer.subscription_state import ConsumerRebalanceListener
     from kafka.errors import KafkaError
 
-from metrics.errors import OffsetConflict, StorageUnavailable
+from metrics.errors import HistoryIncomplete, OffsetConflict, StorageUnavailable
 from metrics.progress import KafkaOffsets
 from metrics.projection import Incoming, Projection
 from metrics.settings import Settings
@@ -245,11 +245,28 @@ class KafkaSource:
             if found:
                 partitions = [TopicPartition(topic, p) for p in sorted(found)]
                 consumer.assign(partitions)
+                self._refuse_a_truncated_history(consumer, partitions)
                 self.seek_to_stored(partitions)
                 return True
             logger.info("waiting for the topic to exist topic=%s", topic)
             stop.wait(1.0)
         return False
+
+    def _refuse_a_truncated_history(self, consumer: Any, partitions: Any) -> None:
+        """Reading every partition alone means reading the whole history: a
+        partition whose first offset is past where this reader starts has
+        lost events to retention, and the read models would miss them."""
+        stored = self._offsets.stored(tp.partition for tp in partitions)
+        firsts = consumer.beginning_offsets(partitions)
+        for tp in partitions:
+            start = stored.get(tp.partition, 0)
+            if int(firsts[tp]) > start:
+                raise HistoryIncomplete(
+                    f"topic={tp.topic} partition={tp.partition} begins at offset "
+                    f"{firsts[tp]}, after {start}: Kafka's retention removed the "
+                    "beginning of the history; read it from the feed instead "
+                    "(--source feed)"
+                )
 
     def _watch_end(self, consumer: Any, records: Any) -> None:
         """At most once a second, or whenever a poll comes back empty: how

@@ -68,3 +68,8 @@ class StorageUnavailable(MetricsError):
     for a reason that may pass (connection lost, lock timeout)."""
 
     retriable = True
+
+
+class HistoryIncomplete(MetricsError):
+    """The source no longer holds the beginning of the history (Kafka's
+    retention removed it), so a rebuild from it would lose events."""

@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient
 
 from metrics.api import create_app
 from metrics.cli import main as metrics_main
+from metrics.errors import HistoryIncomplete
 from metrics.feed import FeedSource
 from metrics.processes import load_catalog
 from metrics.progress import FeedProgress, KafkaOffsets
@@ -43,7 +44,7 @@ from tests.unit.metrics.streams import Log
 with warnings.catch_warnings():
     # kafka-python's own deprecated importlib call, on its first import
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaProducer
+    from kafka import KafkaProducer, TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from metrics.consumer import KafkaSource
@@ -524,3 +525,27 @@ def test_a_killed_rebuild_from_kafka_resumes(
     assert summary.runs == 2 and summary.started_from >= 500
     assert summary.progress.done == len(events)
     assert snapshot(projected.engine) == clean_projection(settings, events, tmp_path)
+
+
+@pytest.mark.kafka
+def test_a_topic_that_lost_its_beginning_is_refused(
+    settings: Settings,
+    projected: Projected,
+    kafka_bootstrap: str,
+    topic: str,
+    events: list[dict[str, Any]],
+) -> None:
+    produce(kafka_bootstrap, topic, events)
+    projected.apply(events)
+    before = snapshot(projected.engine)
+    # What retention does to an old topic: its first records are gone.
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.delete_records({TopicPartition(topic, 1): 5})
+    admin.close()
+    settings = settings.model_copy(
+        update={"kafka_bootstrap": kafka_bootstrap, "kafka_topic": topic}
+    )
+
+    with pytest.raises(HistoryIncomplete, match="partition=1 begins at offset 5"):
+        Rebuild(settings, "kafka", catalog=projected.catalog).run(threading.Event())
+    assert snapshot(projected.engine) == before
