@@ -5,6 +5,8 @@
 #   deploy/local/apps.sh start    progression API, relay, projector, metrics API
 #   deploy/local/apps.sh stop     stop them, the API last
 #   deploy/local/apps.sh status   say which run
+#   deploy/local/apps.sh env      print the `export` lines of the settings they
+#                                 run with, for the operator commands
 #
 # Each process runs in the background with its log and pid file under
 # $DEALLEDGER_LOCAL_DIR/apps. The progression and metrics services get a
@@ -152,9 +154,20 @@ status() {
     return "$result"
 }
 
+print_env() {
+    local kafka
+    kafka="$("$LOCAL_SCRIPTS_DIR/kafka.sh" bootstrap)"
+    printf 'export PROGRESSION_DATABASE_URL=%q\n' "$(database_url progression)"
+    printf 'export PROGRESSION_KAFKA_BOOTSTRAP=%q\n' "$kafka"
+    printf 'export METRICS_DATABASE_URL=%q\n' "$(database_url metrics)"
+    printf 'export METRICS_KAFKA_BOOTSTRAP=%q\n' "$kafka"
+    printf 'export METRICS_FEED_URL=http://127.0.0.1:%s\n' "${PROGRESSION_PORT:-8000}"
+}
+
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
+    env) print_env ;;
     *) sed -n '4,6s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac
