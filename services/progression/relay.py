@@ -65,7 +65,7 @@ Known shortcomings
   records unanswered for good after a batch expired (the relay stops
   waiting a little after the delivery timeout and starts a fresh producer),
   its close() can leave the producer's thread running (stopped through a
-  private attribute, see `_Publisher.close`), and it leaves a socket to the
+  private attribute, see `Publisher.close`), and it leaves a socket to the
   garbage collector for every refused connection (harmless, but file
   descriptors linger a while during an outage).
 """
@@ -75,7 +75,9 @@ from __future__ import annotations
 __all__ = [
     "LEASE_TTL_S",
     "BrokerUnavailable",
+    "InFlight",
     "PublishRefused",
+    "Publisher",
     "Relay",
     "RelayLockLost",
     "encode_key",
@@ -280,7 +282,7 @@ class _Delivery:
     error: BrokerUnavailable | PublishRefused | None
 
 
-class _InFlight:
+class InFlight:
     """One batch handed to the producer, until Kafka has answered for all of it."""
 
     def __init__(self, topic: str, batch: Sequence[RecordedEvent]) -> None:
@@ -388,7 +390,7 @@ class _InFlight:
                 self._answered.set()
 
 
-class _Publisher:
+class Publisher:
     """The topic and a producer, created on first use and after a failure."""
 
     def __init__(self, settings: Settings, topic: str, client_id: str) -> None:
@@ -399,14 +401,14 @@ class _Publisher:
         self._producer: Any = None
         self._topic_ready = False
 
-    def send(self, batch: Sequence[RecordedEvent]) -> _InFlight:
+    def send(self, batch: Sequence[RecordedEvent]) -> InFlight:
         """Hand the batch to the producer; Kafka's answers come later.
 
         A failure to send part of it is kept in the result (`send_error`):
         what was handed over is still answered for, the rest goes again.
         """
         topic = self._topic
-        flight = _InFlight(topic, batch)
+        flight = InFlight(topic, batch)
         try:
             producer = self._connect(batch[0])
             partitions = sorted(producer.partitions_for(topic))
@@ -1033,8 +1035,8 @@ class Relay:
             self.identity,
         )
 
-        publisher = _Publisher(settings, topic, f"progression-relay-{self.identity}")
-        window: deque[_InFlight] = deque()
+        publisher = Publisher(settings, topic, f"progression-relay-{self.identity}")
+        window: deque[InFlight] = deque()
         sent_to = position  # the last position handed to the producer
         report = _Report(topic)
         backoff = _Backoff()

@@ -51,8 +51,9 @@ Known shortcomings
   start: meant for a few deals, not for thousands.
 - The rate is the relay's, bounded by kafka-python's per-record cost in
   Python, not by the broker or the log (see `docs/benchmarks.md`).
-- The publisher is the relay's private `_Publisher`; a change to it changes
-  both.
+- It publishes through the relay's `Publisher`, on purpose: a replayed
+  message cannot be told from a relayed one, and a change to the publisher
+  changes both.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ from progression.relay import (
     IN_FLIGHT_BATCHES,
     STOP_GRACE_S,
     BrokerUnavailable,
+    InFlight,
+    Publisher,
     PublishRefused,
-    _InFlight,
-    _Publisher,
 )
 from progression.settings import Settings
 from progression.tables import events, replay_progress
@@ -610,10 +611,10 @@ class _Run:
         """
         topic = self._wanted.topic
         batch_size = self._settings.relay_batch_size
-        publisher = _Publisher(
+        publisher = Publisher(
             self._settings, topic, f"progression-replay-{self._run_id[:12]}"
         )
-        window: deque[_InFlight] = deque()
+        window: deque[InFlight] = deque()
         sent_to = self._position
         failures = 0
         try:
@@ -687,7 +688,7 @@ class _Run:
             publisher.close(timeout_s=0 if window else 1.0)
 
     def _settle(
-        self, flight: _InFlight, unanswered: str
+        self, flight: InFlight, unanswered: str
     ) -> BrokerUnavailable | PublishRefused | None:
         """Count and record what Kafka acknowledged of a batch; its failure."""
         delivery = flight.delivery(unanswered)
