@@ -19,7 +19,8 @@ def configure_logging(level: str) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
-    # kafka-python logs every connection step at INFO and Alembic its plugins;
-    # keep their warnings only.
-    for noisy in ("kafka", "alembic"):
+    # kafka-python logs every connection step at INFO, Alembic its plugins
+    # and httpx every request (the feed source polls several times a
+    # second); keep their warnings only.
+    for noisy in ("kafka", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -72,7 +72,10 @@ def _summary_dict(summary: RebuildSummary) -> dict[str, Any]:
 
 
 def _print_summary(console: Console, summary: RebuildSummary) -> None:
-    table = Table(title=f"rebuild {summary.rebuild_id} from the {summary.source}")
+    table = Table(
+        title=f"rebuild {summary.rebuild_id} from the {summary.source}",
+        show_header=False,
+    )
     table.add_column("")
     table.add_column("", justify="right")
     progress = summary.progress
