@@ -25,8 +25,10 @@ exports_postgres() {
 }
 
 exports_apps() {
-    printf 'export PROGRESSION_URL=http://127.0.0.1:%s\n' "${PROGRESSION_PORT:-8000}"
-    printf 'export METRICS_URL=http://127.0.0.1:%s\n' "${METRICS_PORT:-8001}"
+    # Not METRICS_URL: the metrics service refuses METRICS_* settings it
+    # does not know, so a shell with it could not run a metrics command.
+    printf 'export DEALLEDGER_PROGRESSION_URL=http://127.0.0.1:%s\n' "${PROGRESSION_PORT:-8000}"
+    printf 'export DEALLEDGER_METRICS_URL=http://127.0.0.1:%s\n' "${METRICS_PORT:-8001}"
     # The settings the apps run with, so that progression and metrics
     # commands typed in that shell reach the same databases and broker.
     "$LOCAL_SCRIPTS_DIR/apps.sh" env

@@ -73,7 +73,8 @@ def _summary_dict(summary: RebuildSummary) -> dict[str, Any]:
 
 def _print_summary(console: Console, summary: RebuildSummary) -> None:
     table = Table(
-        title=f"rebuild {summary.rebuild_id} from the {summary.source}",
+        title=f"rebuild {summary.rebuild_id} from "
+        + ("Kafka" if summary.source == "kafka" else "the feed"),
         show_header=False,
     )
     table.add_column("")
