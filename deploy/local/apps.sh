@@ -109,8 +109,8 @@ start() {
     wait_ready "http://127.0.0.1:$progression_port/readyz" progression
     launch relay "$BIN/progression" relay
     # The projector and the metrics API each migrate the read models when
-    # they start, without a lock: two first migrations at once on a fresh
-    # database fail (duplicate metrics_alembic_version). Migrate once first.
+    # they start (one at a time, under a lock); migrating once first makes a
+    # failed migration show here, before either starts.
     if ! "$BIN/metrics" migrate >>"$APPS_DIR/metrics.log" 2>&1; then
         show_log_tail "$APPS_DIR/metrics.log"
         die "the read models could not be migrated"

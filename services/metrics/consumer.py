@@ -150,11 +150,17 @@ class KafkaSource:
         if consumer is None:
             return
         topic = settings.kafka_topic
-        if self._group:
-            consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
-        elif not self._assign_every_partition(consumer, stop):
+        found = self._wait_for_topic(consumer, stop)
+        if found is None:
             consumer.close(autocommit=False)
             return
+        if self._group:
+            # Subscribed only once the topic exists: subscribing first makes
+            # kafka-python log every metadata refresh until it does, and now
+            # and then never assign the partitions once it does.
+            consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
+        else:
+            self._assign_every_partition(consumer, found)
         logger.info(
             "kafka source started bootstrap=%s topic=%s group=%s",
             settings.kafka_bootstrap,
@@ -228,12 +234,11 @@ class KafkaSource:
             consumer.close(autocommit=False)
             logger.info("kafka source stopped topic=%s", topic)
 
-    def _assign_every_partition(self, consumer: Any, stop: threading.Event) -> bool:
-        """Take every partition of the topic, without a group, and go to the
-        stored offsets; wait for the topic to exist. False when stopped."""
-        from kafka import TopicPartition
-
+    def _wait_for_topic(self, consumer: Any, stop: threading.Event) -> Any:
+        """The topic's partition numbers, once it exists; None when stopped
+        first. Says it is waiting at once, then every 30 s."""
         topic = self._settings.kafka_topic
+        said = 0.0
         while not stop.is_set():
             try:
                 found = consumer.partitions_for_topic(topic)
@@ -243,14 +248,23 @@ class KafkaSource:
                     "kafka metadata unavailable topic=%s error=%r", topic, error
                 )
             if found:
-                partitions = [TopicPartition(topic, p) for p in sorted(found)]
-                consumer.assign(partitions)
-                self._refuse_a_truncated_history(consumer, partitions)
-                self.seek_to_stored(partitions)
-                return True
-            logger.info("waiting for the topic to exist topic=%s", topic)
+                return found
+            if time.monotonic() - said >= 30.0:
+                logger.info("waiting for the topic to exist topic=%s", topic)
+                said = time.monotonic()
             stop.wait(1.0)
-        return False
+        return None
+
+    def _assign_every_partition(self, consumer: Any, found: Any) -> None:
+        """Take every partition of the topic, without a group, and go to the
+        stored offsets."""
+        from kafka import TopicPartition
+
+        topic = self._settings.kafka_topic
+        partitions = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        self._refuse_a_truncated_history(consumer, partitions)
+        self.seek_to_stored(partitions)
 
     def _refuse_a_truncated_history(self, consumer: Any, partitions: Any) -> None:
         """Reading every partition alone means reading the whole history: a

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "metrics_alembic_version"
+_MIGRATION_LOCK = 0x6D6574726963_6D67  # "metric" "mg"
 
 
 def normalise_url(url: str) -> sa.URL:
@@ -101,6 +102,13 @@ def migrate(engine: sa.Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # One migration at a time: replicas started together wait for
+            # the first, then find the schema at the head. (On SQLite the
+            # projector's BEGIN IMMEDIATE serialises them.)
+            connection.exec_driver_sql(
+                f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     logger.info(

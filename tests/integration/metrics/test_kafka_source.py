@@ -128,3 +128,47 @@ def test_the_topic_is_projected_and_a_restart_counts_nothing_twice(
     assert projected.rows("SELECT sum(events_skipped) FROM consumer_offsets") == [
         (len(events),)
     ]
+
+
+def test_a_projector_started_before_its_topic_exists_waits_for_it(
+    settings: Settings,
+    projected: Projected,
+    kafka_bootstrap: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = f"deal-events-later-{uuid.uuid4().hex[:10]}"
+    settings = settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka_bootstrap,
+            "kafka_topic": name,
+            "kafka_group": f"metrics-test-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    source = KafkaSource(
+        settings, projected.projection, KafkaOffsets(projected.engine, name)
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(stop,))
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        with caplog.at_level("INFO"):
+            thread.start()
+            time.sleep(3)  # the projector is up, the topic is not
+            admin.create_topics(
+                [NewTopic(name, num_partitions=3, replication_factor=1)]
+            )
+            events = scenario()
+            produce(kafka_bootstrap, name, events)
+            deadline = time.monotonic() + 60
+            while source.applied < len(events):
+                assert time.monotonic() < deadline, source.applied
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+        admin.delete_topics([name])
+        admin.close()
+    assert not thread.is_alive()
+    waiting = [r for r in caplog.records if "waiting for the topic" in r.getMessage()]
+    assert len(waiting) == 1  # said once, not at every metadata refresh
+    assert not [r for r in caplog.records if "not found in cluster" in r.getMessage()]

@@ -124,3 +124,38 @@ def test_a_value_too_long_for_its_column_fails_instead_of_being_cut(
             assert count.scalar_one() == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_replicas_migrating_a_fresh_database_at_once_all_start(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    settings = Settings(
+        database_url=postgres_url, processes_dir=write_processes(tmp_path / "p")
+    )
+    engines = [create_engine(settings) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    failures: list[BaseException] = []
+
+    def start(engine: sa.Engine) -> None:
+        barrier.wait()
+        try:
+            migrate(engine)
+        except BaseException as error:  # reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    with engines[0].connect() as connection:
+        versions = connection.exec_driver_sql(
+            "SELECT version_num FROM metrics_alembic_version"
+        ).all()
+    for engine in engines:
+        engine.dispose()
+    assert failures == []
+    assert len(versions) == 1
