@@ -9,7 +9,10 @@ The batch is applied in memory first: the state of every deal the batch
 touches is read with one query, the events change it, and the changes are
 written back with a few bulk statements. Events arrive at least once; an
 event at or below its deal's stored `stream_version` is skipped. An event
-that cannot be applied is parked with its error and the stream goes on.
+that cannot be applied is parked with its error and the stream goes on, but
+not its deal's: the deal counts the event (`deals.parked`) and its later
+events are parked behind it, in order, instead of being applied to a state
+that lacks it (a stage change missing would make every later visit wrong).
 
 What an event changes (DOMAIN rule numbers refer to the product definition):
 - `stage.changed` is the only source of stage visits, outcomes and stage
@@ -170,6 +173,7 @@ class _Deal:
     meetings_no_show: int = 0
     criteria_changes: int = 0
     other_changes: int = 0
+    parked: int = 0
     stored: bool = False
     changed: bool = False
 
@@ -205,6 +209,9 @@ class _Changes:
     new_visits: dict[tuple[str, int], _Visit] = field(default_factory=dict)
     closed_visits: list[VisitClosing] = field(default_factory=list)
     parked: list[dict[str, Any]] = field(default_factory=list)
+    # deal -> (position, event_id) of its earliest parked event, as far as
+    # this batch needed to know it
+    holding: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 def _raw_text(value: bytes | str | dict[str, Any] | None) -> str:
@@ -302,9 +309,12 @@ class Projection:
                         changes = _Changes()
                         unwritable = EventRejected(f"cannot be written: {error}")
                         parsed = event.envelope if isinstance(event, _Decoded) else None
-                        self._park(item, parsed, unwritable, single, changes)
-                        if parsed is not None:
-                            self._advance_past(connection, parsed, changes)
+                        counted = parsed is not None and self._advance_past(
+                            connection, parsed, changes
+                        )
+                        self._park(
+                            item, parsed, unwritable, single, changes, counted=counted
+                        )
                         self._write(connection, changes)
                     self._merge(result, single)
                 progress(connection, result)
@@ -333,17 +343,22 @@ class Projection:
 
     def _advance_past(
         self, connection: sa.Connection, envelope: Envelope, changes: _Changes
-    ) -> None:
+    ) -> bool:
         """Move a deal's high-water mark past an event that was parked, so a
-        second delivery of it is skipped instead of parked again."""
+        second delivery of it is skipped instead of parked again, and count
+        it in the deal's parked events (which holds the deal's later events);
+        False when the deal was past it already (then it counts nothing)."""
         state = self._load(connection, [envelope.deal_id]).get(envelope.deal_id)
         if state is None:
             state = _Deal(envelope.deal_id)
-        if envelope.stream_version > state.stream_version:
-            state.stream_version = envelope.stream_version
-            state.last_position = max(state.last_position, envelope.position)
-            state.changed = True
         changes.deals[state.deal_id] = state
+        if envelope.stream_version <= state.stream_version:
+            return False
+        state.stream_version = envelope.stream_version
+        state.last_position = max(state.last_position, envelope.position)
+        state.parked += 1
+        state.changed = True
+        return True
 
     # -- in memory --------------------------------------------------------------
 
@@ -392,26 +407,68 @@ class Projection:
                     envelope.position,
                     item.describe(),
                 )
-            try:
-                self._apply_event(state, event, changes)
-            except EventRejected as refused:
-                self._park(item, envelope, refused, result, changes)
-            except Exception as error:
-                logger.exception(
-                    "event cannot be applied event_id=%s deal_id=%s position=%d %s",
-                    envelope.event_id,
-                    envelope.deal_id,
-                    envelope.position,
-                    item.describe(),
-                )
-                failed = EventRejected(f"{type(error).__name__}: {error}")
-                self._park(item, envelope, failed, result, changes)
+            held = state.parked > 0
+            if held:
+                refused: EventRejected | None = self._held(connection, state, changes)
             else:
+                refused = self._applied(state, event, changes, item)
+            if refused is None:
                 result.count(item, "applied", envelope.position)
+            else:
+                self._park(item, envelope, refused, result, changes, held=held)
+                changes.holding.setdefault(
+                    state.deal_id, (envelope.position, envelope.event_id)
+                )
+                state.parked += 1
             # Applied or parked, the event is consumed: a redelivery is skipped.
             state.stream_version = envelope.stream_version
             state.last_position = max(state.last_position, envelope.position)
             state.changed = True
+
+    def _applied(
+        self, state: _Deal, event: _Decoded, changes: _Changes, item: Incoming
+    ) -> EventRejected | None:
+        """Apply one event to its deal's state: None, or why it cannot be
+        applied (any error counts). `_apply_event` makes every check that can
+        fail before its first change, so an event refused changed nothing."""
+        envelope = event.envelope
+        try:
+            self._apply_event(state, event, changes)
+        except EventRejected as refused:
+            return refused
+        except Exception as error:
+            logger.exception(
+                "event cannot be applied event_id=%s deal_id=%s position=%d %s",
+                envelope.event_id,
+                envelope.deal_id,
+                envelope.position,
+                item.describe(),
+            )
+            return EventRejected(f"{type(error).__name__}: {error}")
+        return None
+
+    def _held(
+        self, connection: sa.Connection, state: _Deal, changes: _Changes
+    ) -> EventRejected:
+        """Why an event of a deal with a parked event is parked too, naming
+        the deal's earliest parked event (from this batch or the table)."""
+        first = changes.holding.get(state.deal_id)
+        if first is None:
+            p = parked_events.c
+            row = connection.execute(
+                sa.select(p.position, p.event_id)
+                .where(p.deal_id == state.deal_id, p.stream_version.is_not(None))
+                .order_by(p.stream_version)
+                .limit(1)
+            ).first()
+            first = (row.position, row.event_id) if row is not None else (None, None)
+            changes.holding[state.deal_id] = first
+        position, event_id = first
+        return EventRejected(
+            f"held behind the earlier parked event of deal {state.deal_id} "
+            f"(position={position} event_id={event_id}): a retry of the deal "
+            "applies them in order"
+        )
 
     def _park(
         self,
@@ -420,7 +477,13 @@ class Projection:
         rejected: EventRejected,
         result: BatchResult,
         changes: _Changes,
+        *,
+        counted: bool = True,
+        held: bool = False,
     ) -> None:
+        """Park an event. `counted`: its deal was moved past it and counts it
+        (only possible with an envelope); `held`: it is parked only because an
+        earlier event of its deal is (logged as a warning, not an error)."""
         hint = (
             {
                 "event_id": envelope.event_id,
@@ -433,7 +496,8 @@ class Projection:
         )
         position = hint.get("position")
         assert position is None or isinstance(position, int)
-        logger.error(
+        logger.log(
+            logging.WARNING if held else logging.ERROR,
             "event parked event_id=%s deal_id=%s type=%s position=%s %s error=%s",
             hint.get("event_id"),
             hint.get("deal_id"),
@@ -455,11 +519,17 @@ class Projection:
                 "event_type": hint.get("type"),
                 "error": str(rejected),
                 "raw": _raw_text(item.value),
+                "stream_version": envelope.stream_version
+                if envelope is not None and counted
+                else None,
             }
         )
         result.count(item, "parked", position)
 
     def _apply_event(self, state: _Deal, event: _Decoded, changes: _Changes) -> None:
+        """Every check that can refuse the event comes before its first change
+        to the state (an event refused must change nothing: it is parked, and
+        a retry applies it whole)."""
         if event.refused is not None:
             raise event.refused
         envelope, data = event.envelope, event.data
