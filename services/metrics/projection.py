@@ -13,6 +13,7 @@ that cannot be applied is parked with its error and the stream goes on, but
 not its deal's: the deal counts the event (`deals.parked`) and its later
 events are parked behind it, in order, instead of being applied to a state
 that lacks it (a stage change missing would make every later visit wrong).
+`metrics.parked` retries them, through `Projection.reapply`.
 
 What an event changes (DOMAIN rule numbers refer to the product definition):
 - `stage.changed` is the only source of stage visits, outcomes and stage
@@ -57,6 +58,7 @@ __all__ = [
     "PartitionTally",
     "ProgressWriter",
     "Projection",
+    "lock_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,26 @@ Disposition = Literal["applied", "skipped", "parked"]
 ProgressWriter = Callable[[sa.Connection, "BatchResult"], None]
 
 ADVANCED, DROPPED, MOVED_BACK = "advanced", "dropped", "moved_back"
+
+# The PostgreSQL advisory lock ("mtparked") between projector batches, which
+# take it shared, and retries of parked events, which take it exclusively. A
+# batch reads the state of its deals, then writes every column back: a retry
+# committed in between would be undone. SQLite needs none: a projector
+# transaction takes the write lock as it begins (BEGIN IMMEDIATE) and the
+# first statement of a retry's transaction writes.
+BATCH_LOCK = 0x6D74_7061_726B_6564
+
+
+def lock_batches(connection: sa.Connection, *, exclusive: bool = False) -> None:
+    """Take the batch lock for the transaction of `connection` (PostgreSQL):
+    shared in a projector batch, `exclusive` in a retry."""
+    if connection.dialect.name != "postgresql":
+        return
+    if exclusive:
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(BATCH_LOCK)))
+    else:
+        shared = sa.func.pg_advisory_xact_lock_shared(BATCH_LOCK)
+        connection.execute(sa.select(shared))
 
 
 @dataclass(slots=True)
@@ -264,6 +286,7 @@ class Projection:
         decoded = [_decode(item) for item in batch]
         try:
             with self._engine.begin() as connection:
+                lock_batches(connection)
                 result = BatchResult()
                 changes = _Changes()
                 self._project(connection, batch, decoded, result, changes)
@@ -293,6 +316,7 @@ class Projection:
         is parked with the database's error."""
         try:
             with self._engine.begin() as connection:
+                lock_batches(connection)
                 result = BatchResult()
                 for item, event in zip(batch, decoded, strict=True):
                     single = BatchResult()
@@ -359,6 +383,65 @@ class Projection:
         state.parked += 1
         state.changed = True
         return True
+
+    # -- retries of parked events ---------------------------------------------
+
+    def reapply(
+        self, connection: sa.Connection, item: Incoming, stream_version: int | None
+    ) -> Envelope:
+        """Apply a parked event again, in the caller's transaction (which has
+        taken `lock_batches` exclusively); raise `EventRejected` saying why
+        it still cannot be applied, having written nothing.
+
+        `stream_version` is the parked row's: set, the deal was moved past
+        the event and counts it, so the stream-version check is bypassed for
+        it (only for it) and the count goes down; the caller has checked that
+        no earlier event of the deal is still parked. Null, the envelope was
+        not read when it was parked and the deal's later events were not
+        held: it applies only if the deal has not moved past it.
+        """
+        event = _decode(item)
+        if isinstance(event, EventRejected):
+            raise event
+        envelope = event.envelope
+        state = self._load(connection, [envelope.deal_id]).get(envelope.deal_id)
+        if state is None:
+            state = _Deal(envelope.deal_id)
+        changes = _Changes(deals={state.deal_id: state})
+        if stream_version is not None:
+            if envelope.stream_version != stream_version:
+                raise EventRejected(
+                    f"its raw value has stream_version={envelope.stream_version}, "
+                    f"parked as {stream_version}"
+                )
+            if state.parked < 1 or state.stream_version < stream_version:
+                raise EventRejected(
+                    f"deal {state.deal_id} does not count it as parked "
+                    f"(parked={state.parked} stream_version={state.stream_version}):"
+                    " the read models and parked_events disagree; rebuild them"
+                )
+            refused = self._applied(state, event, changes, item)
+            if refused is not None:
+                raise refused
+            state.parked -= 1
+        else:
+            if envelope.stream_version <= state.stream_version:
+                raise EventRejected(
+                    f"deal {state.deal_id} has moved past it (stream_version "
+                    f"{state.stream_version} >= {envelope.stream_version}): its "
+                    "later events were applied without it; a rebuild of the read "
+                    "models applies it in order"
+                )
+            if state.parked > 0:
+                raise self._held(connection, state, changes)
+            refused = self._applied(state, event, changes, item)
+            if refused is not None:
+                raise refused
+            state.stream_version = envelope.stream_version
+            state.last_position = max(state.last_position, envelope.position)
+        state.changed = True
+        self._write(connection, changes)
+        return envelope
 
     # -- in memory --------------------------------------------------------------
 
