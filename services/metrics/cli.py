@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="the projector on a background thread and the API in one process"
     )
     run.add_argument("--source", choices=["kafka", "feed"], default="feed")
+    # metrics parked list|show|retry: see metrics.parked_cli
+    from metrics import parked_cli
+
+    parked_cli.add_commands(commands)
     return parser
 
 
@@ -108,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop = threading.Event()
             _stop_on_signals(stop)
             run_projector(settings, arguments.source, stop)
+        elif arguments.command == "parked":
+            from metrics import parked_cli
+
+            return parked_cli.run(arguments, settings)
     except ConfigurationError as error:
         logger.error("%s", error)
         return EXIT_CONFIGURATION
