@@ -81,9 +81,10 @@ def retry(
                     continue
                 done = _retry_one(engine, projection, row.id)
                 results.append(done)
-                # Still parked: the deal's later events stay held. (Missing:
-                # another retry took it; the next one may apply.)
-                if counted and done.outcome in ("parked", "held"):
+                # Failed again: the deal's later events stay held, untried.
+                # (Held: the next one is checked against what holds it;
+                # missing: another retry took it, the next one may apply.)
+                if counted and done.outcome == "parked":
                     blocking = done
         if ids is not None:
             found = {row.id for row in rows}

@@ -295,3 +295,18 @@ def test_an_unreadable_envelope_its_deal_moved_past_stays_parked_for_a_rebuild(
         (garbage,),
     ]
     assert dump(projected) == before  # the later meeting only, as before
+
+
+def test_held_events_asked_for_alone_all_name_the_event_that_holds_them(
+    projected: Projected, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events, _first = held_stream()
+    projected.apply(events)
+    first_id, *later = parking.parked_ids(projected)
+    deploy_stage_changed_v2(monkeypatch)
+
+    answer = retry(projected.engine, projected.catalog, later[:3])
+
+    assert outcomes(answer) == [(i, "held") for i in later[:3]]
+    for event in answer.events:
+        assert f"held behind parked event id={first_id} " in str(event.error)
