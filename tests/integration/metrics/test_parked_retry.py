@@ -88,6 +88,29 @@ def test_a_fix_then_a_retry_gives_the_read_models_of_a_clean_projection(
     assert projected.rows("SELECT count(*) FROM parked_events") == [(0,)]
 
 
+def test_a_retry_that_fails_again_keeps_the_event_and_its_deal_held(
+    projected: Projected, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    projected.apply(scenario_with_newer_changes())
+    before = dump(projected)
+    stored = projected.rows(
+        "SELECT id, error FROM parked_events WHERE deal_id = 'd4' ORDER BY id"
+    )
+
+    parking.deploy_broken_fix(monkeypatch)
+    answer = retry(projected.engine, projected.catalog, deal="d4")
+
+    assert [e.outcome for e in answer.events] == ["parked"] + ["held"] * (
+        len(stored) - 1
+    )
+    error = answer.events[0].error
+    assert error is not None and "/data/to: Field required" in error
+    assert projected.rows(
+        "SELECT id, error FROM parked_events WHERE deal_id = 'd4' ORDER BY id"
+    ) == [(stored[0][0], error), *stored[1:]]
+    assert dump(projected) == before
+
+
 def applied_ids(answers: list[RetryAnswer]) -> list[int]:
     return sorted(e.id for a in answers for e in a.events if e.outcome == "applied")
 

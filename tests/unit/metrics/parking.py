@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from metrics import upcasting
+from metrics import envelope, upcasting
 from tests.unit.metrics.conftest import Projected
 from tests.unit.metrics.streams import Log
 
@@ -30,6 +30,17 @@ def deploy_stage_changed_v2(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fix: the projection reads stage.changed version 2."""
     monkeypatch.setitem(upcasting.CURRENT_VERSIONS, "stage.changed", 2)
     monkeypatch.setitem(upcasting._STEPS, ("stage.changed", 1), dict)
+
+
+def deploy_broken_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fix that knows version 2 but reads it wrong: `to` goes missing."""
+    monkeypatch.setattr(envelope, "upcast", _renaming)
+
+
+def _renaming(type_: str, version: int, data: Any) -> Any:
+    if type_ == "stage.changed" and version == 2:
+        return {("target" if k == "to" else k): v for k, v in data.items()}
+    return data
 
 
 def held_stream() -> tuple[list[dict[str, Any]], dict[str, Any]]:

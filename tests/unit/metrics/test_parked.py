@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from metrics import envelope as envelope_module
 from metrics import projection as projection_module
 from metrics.envelope import parse_envelope
 from metrics.errors import EventRejected, ProcessFileError
@@ -149,17 +148,6 @@ def test_an_event_retried_twice_is_applied_once(
     assert dump(projected) == dump(clean)
 
 
-def broken_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fix that knows version 2 but reads it wrong: `to` goes missing."""
-    monkeypatch.setattr(envelope_module, "upcast", _renaming)
-
-
-def _renaming(type_: str, version: int, data: Any) -> Any:
-    if type_ == "stage.changed" and version == 2:
-        return {("target" if k == "to" else k): v for k, v in data.items()}
-    return data
-
-
 def test_a_retry_that_fails_again_keeps_the_event_with_its_new_error(
     projected: Projected, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,7 +158,7 @@ def test_a_retry_that_fails_again_keeps_the_event_with_its_new_error(
     first_id = stored[0][0]
     assert "newer than this projector knows" in stored[0][1]
 
-    broken_fix(monkeypatch)
+    parking.deploy_broken_fix(monkeypatch)
     answer = retry(projected.engine, projected.catalog)
 
     assert outcomes(answer) == [(first_id, "parked")] + [
