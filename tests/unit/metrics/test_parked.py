@@ -93,7 +93,7 @@ class StrictCatalog(Catalog):
 
 def strict(directory: Path) -> StrictCatalog:
     catalog = load_catalog(directory)
-    return StrictCatalog(catalog.current(key) for key in catalog.keys)  # type: ignore[misc]
+    return StrictCatalog(catalog.current(key) for key in catalog.keys)
 
 
 def test_after_a_process_file_fix_a_retry_applies_the_held_deal(
