@@ -218,7 +218,8 @@ class ParkedEvent(BaseModel):
         default=None,
         description="The event's version in its deal's stream when its envelope "
         "was read: its deal counts it and holds its later events behind it. Null "
-        "when the envelope could not be read (it holds nothing back).",
+        "when the envelope could not be read, or it was parked before deals were "
+        "held (migration 0004): it holds nothing back.",
     )
 
 

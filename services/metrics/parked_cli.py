@@ -279,8 +279,9 @@ def _show_event(event: ParkedEventDetail) -> None:
     console.print(table)
     if event.stream_version is None:
         console.print(
-            "Its envelope could not be read when it was parked: it holds nothing "
-            "back, and a retry applies it only if its deal has not moved past it.",
+            "No stream version: its envelope could not be read when it was parked "
+            "(or it was parked before migration 0004), so it holds nothing back, "
+            "and a retry applies it only if its deal has not moved past it.",
             markup=False,
         )
     elif event.held_behind is not None:
