@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 __all__ = [
@@ -15,11 +17,16 @@ __all__ = [
     "OutcomesGroup",
     "ParkedAnswer",
     "ParkedEvent",
+    "ParkedEventDetail",
     "PartitionStatus",
     "PipelineAnswer",
     "PipelineFigures",
     "PipelineGroup",
     "ProjectorStatus",
+    "RetriedEvent",
+    "RetryAnswer",
+    "RetryOutcome",
+    "RetryRequest",
     "StageDuration",
     "StalledAnswer",
     "StalledDeal",
@@ -228,9 +235,61 @@ class ParkedEvent(BaseModel):
     type: str | None
     error: str
     raw: str
+    stream_version: int | None = Field(
+        default=None,
+        description="The event's version in its deal's stream when its envelope "
+        "was read: its deal counts it and holds its later events behind it. Null "
+        "when the envelope could not be read, or it was parked before deals were "
+        "held (migration 0004): it holds nothing back.",
+    )
 
 
 class ParkedAnswer(BaseModel):
     count: int
     events: list[ParkedEvent]
     next_after: int | None = Field(description="Pass as `after` for the next page.")
+
+
+class ParkedEventDetail(ParkedEvent):
+    held_behind: int | None = Field(
+        description="The id of the earliest parked event of the same deal when "
+        "that is another one: this one is retried only after it."
+    )
+
+
+RetryOutcome = Literal["applied", "parked", "held", "missing"]
+
+
+class RetriedEvent(BaseModel):
+    id: int
+    outcome: RetryOutcome = Field(
+        description="applied: retried, applied and no longer parked; parked: "
+        "retried and failed again, still parked with the new error; held: not "
+        "retried, an earlier parked event of its deal is still parked; missing: "
+        "no such parked event (unknown, or another retry took it)."
+    )
+    deal_id: str | None
+    position: int | None
+    event_id: str | None
+    type: str | None
+    error: str | None = Field(description="Why it was not applied.")
+
+
+class RetryAnswer(BaseModel):
+    applied: int
+    parked: int
+    held: int
+    missing: int
+    events: list[RetriedEvent] = Field(description="In the order they were tried.")
+
+
+class RetryRequest(BaseModel):
+    all: bool | None = Field(
+        default=None, description="Must be true: retry every parked event."
+    )
+    deal: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Only the events of this deal.",
+    )

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metrics import funnel as funnel_module
 from metrics import outcomes as outcomes_module
+from metrics import parked as parked_module
 from metrics import pipeline as pipeline_module
 from metrics import stalled as stalled_module
 from metrics import status as status_module
@@ -33,9 +34,12 @@ from metrics.answers import (
     OutcomesAnswer,
     OutcomesGroup,
     ParkedAnswer,
+    ParkedEventDetail,
     PipelineAnswer,
     PipelineGroup,
     ProjectorStatus,
+    RetryAnswer,
+    RetryRequest,
     StageDuration,
     StalledAnswer,
     StalledGroup,
@@ -230,6 +234,167 @@ def _owner_order(keys: Any) -> list[Any]:
     return sorted(keys, key=lambda owner: (owner is None, owner or ""))
 
 
+# -- parked events: the ops scope --------------------------------------------------
+
+
+class _Problem(MetricsError):
+    """An answer that is a problem, raised where a dependency or an endpoint
+    finds it."""
+
+    def __init__(self, status: int, title: str, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.kind = status, title, detail, kind
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _is_ops_token(settings: Settings, request: Request) -> bool:
+    token = _bearer(request)
+    if settings.ops_token is None or token is None:
+        return False
+    expected = settings.ops_token.get_secret_value().encode()
+    return hmac.compare_digest(token.encode(), expected)
+
+
+def _install_parked_endpoints(
+    app: FastAPI, v1: APIRouter, settings: Settings, engine: sa.Engine
+) -> None:
+    """GET /v1/parked/{id} and the retries, which need the ops scope."""
+
+    @app.exception_handler(_Problem)
+    async def _problem(_request: Request, error: _Problem) -> Any:
+        response = problem(error.status, error.title, error.detail, error.kind)
+        if error.status == 401:
+            response.headers["www-authenticate"] = "Bearer"
+        return response
+
+    def operator(request: Request) -> None:
+        """The ops scope: the ops token, whenever any token is configured;
+        with none, the API is loopback-only and everything is allowed."""
+        if settings.api_token is None and settings.ops_token is None:
+            return
+        if settings.ops_token is None:
+            raise _Problem(
+                403,
+                "Ops scope not configured",
+                "retrying parked events needs the ops token, and "
+                "METRICS_OPS_TOKEN is not configured",
+                "ops-token-not-configured",
+            )
+        if _is_ops_token(settings, request):
+            return
+        if _bearer(request) is not None and settings.api_token is not None:
+            # authorised() let it through: it is the API token, which reads.
+            raise _Problem(
+                403,
+                "Ops scope required",
+                "retrying parked events needs the ops token (METRICS_OPS_TOKEN); "
+                "the API token only reads",
+                "ops-scope-required",
+            )
+        raise _Problem(
+            401,
+            "Unauthorized",
+            "the ops token is required as a bearer token",
+            "ops-token-required",
+        )
+
+    def unknown(parked_id: int) -> _Problem:
+        return _Problem(
+            404,
+            "Unknown parked event",
+            f"no parked event with id={parked_id}",
+            "unknown-parked-event",
+        )
+
+    def retrying(ids: list[int] | None, deal: str | None) -> RetryAnswer:
+        # The process files are read again: a fix to one needs no restart.
+        try:
+            catalog_now = load_catalog(settings.processes_dir)
+            return parked_module.retry(engine, catalog_now, ids, deal=deal)
+        except MetricsError as error:
+            if error.retriable:
+                raise _Problem(
+                    503, "Service unavailable", str(error), "storage-unavailable"
+                ) from error
+            raise _Problem(500, "Cannot retry", str(error), "retry-failed") from error
+
+    @v1.get(
+        "/parked/{parked_id}",
+        response_model=ParkedEventDetail,
+        tags=["operations"],
+        responses={404: {"description": "No parked event has this id."}},
+    )
+    def get_parked_event(parked_id: int) -> ParkedEventDetail:
+        """One parked event, with the earlier parked event of its deal that
+        holds it back (`held_behind`)."""
+        with engine.connect() as connection:
+            event = status_module.parked_event(connection, parked_id)
+        if event is None:
+            raise unknown(parked_id)
+        return event
+
+    @v1.post(
+        "/parked/{parked_id}/retry",
+        response_model=RetryAnswer,
+        tags=["operations"],
+        dependencies=[Depends(operator)],
+        responses={
+            404: {"description": "No parked event has this id (any more)."},
+            409: {
+                "description": "An earlier parked event of its deal is still "
+                "parked; nothing was done."
+            },
+        },
+    )
+    def retry_parked_event(parked_id: int) -> RetryAnswer:
+        """Apply one parked event again (ops scope). `outcome` says what
+        happened: applied, or still parked with the new error."""
+        answer = retrying([parked_id], None)
+        [event] = answer.events
+        if event.outcome == "missing":
+            raise unknown(parked_id)
+        if event.outcome == "held":
+            raise _Problem(
+                409,
+                "Held behind an earlier parked event",
+                event.error or "held",
+                "parked-event-held",
+            )
+        return answer
+
+    @v1.post(
+        "/parked/retry",
+        response_model=RetryAnswer,
+        tags=["operations"],
+        dependencies=[Depends(operator)],
+    )
+    def retry_parked_events(
+        body: RetryRequest | None = None,
+        every: Annotated[
+            bool | None,
+            Query(alias="all", description="Must be true (or `all` in the body)."),
+        ] = None,
+        deal: Annotated[
+            str | None,
+            Query(min_length=1, max_length=128, description="Only this deal's."),
+        ] = None,
+    ) -> RetryAnswer:
+        """Apply every parked event again, of one deal or of all (ops scope),
+        each deal's in stream order; the body or the query say which."""
+        if body is not None:
+            every = body.all if body.all is not None else every
+            deal = body.deal if body.deal is not None else deal
+        if every is not True:
+            raise BadParameter(
+                "all", "must be true: every parked event (of `deal`) is retried"
+            )
+        return retrying(None, deal)
+
+
 # -- the application ------------------------------------------------------------------
 
 
@@ -348,8 +513,9 @@ def create_app(
         expected = settings.api_token.get_secret_value().encode()
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), expected
+        if scheme.lower() != "bearer" or not (
+            hmac.compare_digest(token.strip().encode(), expected)
+            or _is_ops_token(settings, request)
         ):
             raise StarletteHTTPException(
                 401,
@@ -553,6 +719,7 @@ def create_app(
         with reading() as connection:
             return status_module.parked(connection, after, limit)
 
+    _install_parked_endpoints(app, v1, settings, engine)
     app.include_router(v1)
     return app
 

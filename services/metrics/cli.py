@@ -1,4 +1,4 @@
-"""The `metrics` command: migrate, serve, project, run, rebuild."""
+"""The `metrics` command: migrate, serve, project, run, rebuild, parked."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument(
         "--json", action="store_true", help="print the summary as JSON"
     )
+    # metrics parked list|show|retry: see metrics.parked_cli
+    from metrics import parked_cli
+
+    parked_cli.add_commands(commands)
     return parser
 
 
@@ -144,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop = threading.Event()
             _stop_on_signals(stop)
             return rebuild_command(settings, arguments, stop)
+        elif arguments.command == "parked":
+            from metrics import parked_cli
+
+            return parked_cli.run(arguments, settings)
     except ConfigurationError as error:
         logger.error("%s", error)
         return EXIT_CONFIGURATION

@@ -9,7 +9,11 @@ The batch is applied in memory first: the state of every deal the batch
 touches is read with one query, the events change it, and the changes are
 written back with a few bulk statements. Events arrive at least once; an
 event at or below its deal's stored `stream_version` is skipped. An event
-that cannot be applied is parked with its error and the stream goes on.
+that cannot be applied is parked with its error and the stream goes on, but
+not its deal's: the deal counts the event (`deals.parked`) and its later
+events are parked behind it, in order, instead of being applied to a state
+that lacks it (a stage change missing would make every later visit wrong).
+`metrics.parked` retries them, through `Projection.reapply`.
 
 What an event changes (DOMAIN rule numbers refer to the product definition):
 - `stage.changed` is the only source of stage visits, outcomes and stage
@@ -54,6 +58,7 @@ __all__ = [
     "PartitionTally",
     "ProgressWriter",
     "Projection",
+    "lock_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,26 @@ Disposition = Literal["applied", "skipped", "parked"]
 ProgressWriter = Callable[[sa.Connection, "BatchResult"], None]
 
 ADVANCED, DROPPED, MOVED_BACK = "advanced", "dropped", "moved_back"
+
+# The PostgreSQL advisory lock ("mtparked") between projector batches, which
+# take it shared, and retries of parked events, which take it exclusively. A
+# batch reads the state of its deals, then writes every column back: a retry
+# committed in between would be undone. SQLite needs none: a projector
+# transaction takes the write lock as it begins (BEGIN IMMEDIATE) and the
+# first statement of a retry's transaction writes.
+BATCH_LOCK = 0x6D74_7061_726B_6564
+
+
+def lock_batches(connection: sa.Connection, *, exclusive: bool = False) -> None:
+    """Take the batch lock for the transaction of `connection` (PostgreSQL):
+    shared in a projector batch, `exclusive` in a retry."""
+    if connection.dialect.name != "postgresql":
+        return
+    if exclusive:
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(BATCH_LOCK)))
+    else:
+        shared = sa.func.pg_advisory_xact_lock_shared(BATCH_LOCK)
+        connection.execute(sa.select(shared))
 
 
 @dataclass(slots=True)
@@ -170,6 +195,7 @@ class _Deal:
     meetings_no_show: int = 0
     criteria_changes: int = 0
     other_changes: int = 0
+    parked: int = 0
     stored: bool = False
     changed: bool = False
 
@@ -205,6 +231,9 @@ class _Changes:
     new_visits: dict[tuple[str, int], _Visit] = field(default_factory=dict)
     closed_visits: list[VisitClosing] = field(default_factory=list)
     parked: list[dict[str, Any]] = field(default_factory=list)
+    # deal -> (position, event_id) of its earliest parked event, as far as
+    # this batch needed to know it
+    holding: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
 
 
 def _raw_text(value: bytes | str | dict[str, Any] | None) -> str:
@@ -257,6 +286,7 @@ class Projection:
         decoded = [_decode(item) for item in batch]
         try:
             with self._engine.begin() as connection:
+                lock_batches(connection)
                 result = BatchResult()
                 changes = _Changes()
                 self._project(connection, batch, decoded, result, changes)
@@ -286,6 +316,7 @@ class Projection:
         is parked with the database's error."""
         try:
             with self._engine.begin() as connection:
+                lock_batches(connection)
                 result = BatchResult()
                 for item, event in zip(batch, decoded, strict=True):
                     single = BatchResult()
@@ -302,9 +333,12 @@ class Projection:
                         changes = _Changes()
                         unwritable = EventRejected(f"cannot be written: {error}")
                         parsed = event.envelope if isinstance(event, _Decoded) else None
-                        self._park(item, parsed, unwritable, single, changes)
-                        if parsed is not None:
-                            self._advance_past(connection, parsed, changes)
+                        counted = parsed is not None and self._advance_past(
+                            connection, parsed, changes
+                        )
+                        self._park(
+                            item, parsed, unwritable, single, changes, counted=counted
+                        )
                         self._write(connection, changes)
                     self._merge(result, single)
                 progress(connection, result)
@@ -333,17 +367,81 @@ class Projection:
 
     def _advance_past(
         self, connection: sa.Connection, envelope: Envelope, changes: _Changes
-    ) -> None:
+    ) -> bool:
         """Move a deal's high-water mark past an event that was parked, so a
-        second delivery of it is skipped instead of parked again."""
+        second delivery of it is skipped instead of parked again, and count
+        it in the deal's parked events (which holds the deal's later events);
+        False when the deal was past it already (then it counts nothing)."""
         state = self._load(connection, [envelope.deal_id]).get(envelope.deal_id)
         if state is None:
             state = _Deal(envelope.deal_id)
-        if envelope.stream_version > state.stream_version:
+        changes.deals[state.deal_id] = state
+        if envelope.stream_version <= state.stream_version:
+            return False
+        state.stream_version = envelope.stream_version
+        state.last_position = max(state.last_position, envelope.position)
+        state.parked += 1
+        state.changed = True
+        return True
+
+    # -- retries of parked events ---------------------------------------------
+
+    def reapply(
+        self, connection: sa.Connection, item: Incoming, stream_version: int | None
+    ) -> Envelope:
+        """Apply a parked event again, in the caller's transaction (which has
+        taken `lock_batches` exclusively); raise `EventRejected` saying why
+        it still cannot be applied, having written nothing.
+
+        `stream_version` is the parked row's: set, the deal was moved past
+        the event and counts it, so the stream-version check is bypassed for
+        it (only for it) and the count goes down; the caller has checked that
+        no earlier event of the deal is still parked. Null, the envelope was
+        not read when it was parked and the deal's later events were not
+        held: it applies only if the deal has not moved past it.
+        """
+        event = _decode(item)
+        if isinstance(event, EventRejected):
+            raise event
+        envelope = event.envelope
+        state = self._load(connection, [envelope.deal_id]).get(envelope.deal_id)
+        if state is None:
+            state = _Deal(envelope.deal_id)
+        changes = _Changes(deals={state.deal_id: state})
+        if stream_version is not None:
+            if envelope.stream_version != stream_version:
+                raise EventRejected(
+                    f"its raw value has stream_version={envelope.stream_version}, "
+                    f"parked as {stream_version}"
+                )
+            if state.parked < 1 or state.stream_version < stream_version:
+                raise EventRejected(
+                    f"deal {state.deal_id} does not count it as parked "
+                    f"(parked={state.parked} stream_version={state.stream_version}):"
+                    " the read models and parked_events disagree; rebuild them"
+                )
+            refused = self._applied(state, event, changes, item)
+            if refused is not None:
+                raise refused
+            state.parked -= 1
+        else:
+            if envelope.stream_version <= state.stream_version:
+                raise EventRejected(
+                    f"deal {state.deal_id} has moved past it (stream_version "
+                    f"{state.stream_version} >= {envelope.stream_version}): its "
+                    "later events were applied without it; a rebuild of the read "
+                    "models applies it in order"
+                )
+            if state.parked > 0:
+                raise self._held(connection, state, changes)
+            refused = self._applied(state, event, changes, item)
+            if refused is not None:
+                raise refused
             state.stream_version = envelope.stream_version
             state.last_position = max(state.last_position, envelope.position)
-            state.changed = True
-        changes.deals[state.deal_id] = state
+        state.changed = True
+        self._write(connection, changes)
+        return envelope
 
     # -- in memory --------------------------------------------------------------
 
@@ -392,26 +490,68 @@ class Projection:
                     envelope.position,
                     item.describe(),
                 )
-            try:
-                self._apply_event(state, event, changes)
-            except EventRejected as refused:
-                self._park(item, envelope, refused, result, changes)
-            except Exception as error:
-                logger.exception(
-                    "event cannot be applied event_id=%s deal_id=%s position=%d %s",
-                    envelope.event_id,
-                    envelope.deal_id,
-                    envelope.position,
-                    item.describe(),
-                )
-                failed = EventRejected(f"{type(error).__name__}: {error}")
-                self._park(item, envelope, failed, result, changes)
+            held = state.parked > 0
+            if held:
+                refused: EventRejected | None = self._held(connection, state, changes)
             else:
+                refused = self._applied(state, event, changes, item)
+            if refused is None:
                 result.count(item, "applied", envelope.position)
+            else:
+                self._park(item, envelope, refused, result, changes, held=held)
+                changes.holding.setdefault(
+                    state.deal_id, (envelope.position, envelope.event_id)
+                )
+                state.parked += 1
             # Applied or parked, the event is consumed: a redelivery is skipped.
             state.stream_version = envelope.stream_version
             state.last_position = max(state.last_position, envelope.position)
             state.changed = True
+
+    def _applied(
+        self, state: _Deal, event: _Decoded, changes: _Changes, item: Incoming
+    ) -> EventRejected | None:
+        """Apply one event to its deal's state: None, or why it cannot be
+        applied (any error counts). `_apply_event` makes every check that can
+        fail before its first change, so an event refused changed nothing."""
+        envelope = event.envelope
+        try:
+            self._apply_event(state, event, changes)
+        except EventRejected as refused:
+            return refused
+        except Exception as error:
+            logger.exception(
+                "event cannot be applied event_id=%s deal_id=%s position=%d %s",
+                envelope.event_id,
+                envelope.deal_id,
+                envelope.position,
+                item.describe(),
+            )
+            return EventRejected(f"{type(error).__name__}: {error}")
+        return None
+
+    def _held(
+        self, connection: sa.Connection, state: _Deal, changes: _Changes
+    ) -> EventRejected:
+        """Why an event of a deal with a parked event is parked too, naming
+        the deal's earliest parked event (from this batch or the table)."""
+        first = changes.holding.get(state.deal_id)
+        if first is None:
+            p = parked_events.c
+            row = connection.execute(
+                sa.select(p.position, p.event_id)
+                .where(p.deal_id == state.deal_id, p.stream_version.is_not(None))
+                .order_by(p.stream_version)
+                .limit(1)
+            ).first()
+            first = (row.position, row.event_id) if row is not None else (None, None)
+            changes.holding[state.deal_id] = first
+        position, event_id = first
+        return EventRejected(
+            f"held behind the earlier parked event of deal {state.deal_id} "
+            f"(position={position} event_id={event_id}): a retry of the deal "
+            "applies them in order"
+        )
 
     def _park(
         self,
@@ -420,7 +560,13 @@ class Projection:
         rejected: EventRejected,
         result: BatchResult,
         changes: _Changes,
+        *,
+        counted: bool = True,
+        held: bool = False,
     ) -> None:
+        """Park an event. `counted`: its deal was moved past it and counts it
+        (only possible with an envelope); `held`: it is parked only because an
+        earlier event of its deal is (logged as a warning, not an error)."""
         hint = (
             {
                 "event_id": envelope.event_id,
@@ -433,7 +579,8 @@ class Projection:
         )
         position = hint.get("position")
         assert position is None or isinstance(position, int)
-        logger.error(
+        logger.log(
+            logging.WARNING if held else logging.ERROR,
             "event parked event_id=%s deal_id=%s type=%s position=%s %s error=%s",
             hint.get("event_id"),
             hint.get("deal_id"),
@@ -455,11 +602,17 @@ class Projection:
                 "event_type": hint.get("type"),
                 "error": str(rejected),
                 "raw": _raw_text(item.value),
+                "stream_version": envelope.stream_version
+                if envelope is not None and counted
+                else None,
             }
         )
         result.count(item, "parked", position)
 
     def _apply_event(self, state: _Deal, event: _Decoded, changes: _Changes) -> None:
+        """Every check that can refuse the event comes before its first change
+        to the state (an event refused must change nothing: it is parked, and
+        a retry applies it whole)."""
         if event.refused is not None:
             raise event.refused
         envelope, data = event.envelope, event.data

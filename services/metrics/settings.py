@@ -66,6 +66,14 @@ class Settings(BaseSettings):
         description="Bearer token the API requires; without it the API binds "
         "to loopback only.",
     )
+    ops_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the ops scope: retrying parked events "
+        "through the API needs it whenever a token is configured (it also "
+        "reads what METRICS_API_TOKEN reads). With METRICS_API_TOKEN and "
+        "without it, the retry endpoints refuse every request; with no token "
+        "at all, the loopback-only API allows them.",
+    )
     log_level: LogLevel = "INFO"
 
     batch_max_events: int = Field(
@@ -102,6 +110,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"METRICS_HOST={self.host!r} is not a loopback address: binding "
                 "beyond loopback requires METRICS_API_TOKEN"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ops_token_of_its_own(self) -> Settings:
+        if (
+            self.ops_token is not None
+            and self.api_token is not None
+            and self.ops_token.get_secret_value() == self.api_token.get_secret_value()
+        ):
+            raise ValueError(
+                "METRICS_OPS_TOKEN must differ from METRICS_API_TOKEN: the ops "
+                "scope would be open to every reader"
             )
         return self
 

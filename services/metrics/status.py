@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from metrics.answers import (
     ParkedAnswer,
     ParkedEvent,
+    ParkedEventDetail,
     PartitionStatus,
     ProjectorStatus,
     RebuildStatus,
@@ -21,7 +22,13 @@ from metrics.filters import format_micros
 from metrics.settings import Settings
 from metrics.tables import consumer_offsets, feed_position, parked_events, rebuilds
 
-__all__ = ["KafkaEndOffsets", "parked", "projector_status", "rebuild_status"]
+__all__ = [
+    "KafkaEndOffsets",
+    "parked",
+    "parked_event",
+    "projector_status",
+    "rebuild_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -176,22 +183,46 @@ def parked(connection: sa.Connection, after: int, limit: int) -> ParkedAnswer:
     rows = connection.execute(
         sa.select(parked_events).where(p.id > after).order_by(p.id).limit(limit)
     ).all()
-    events = [
-        ParkedEvent(
-            id=row.id,
-            parked_at=format_micros(row.parked_us),
-            source=row.source,
-            topic=row.topic,
-            partition=row.partition,
-            offset=row.offset,
-            position=row.position,
-            event_id=row.event_id,
-            deal_id=row.deal_id,
-            type=row.event_type,
-            error=row.error,
-            raw=row.raw,
-        )
-        for row in rows
-    ]
+    events = [ParkedEvent(**_fields(row)) for row in rows]
     next_after = events[-1].id if len(events) == limit else None
     return ParkedAnswer(count=count, events=events, next_after=next_after)
+
+
+def parked_event(connection: sa.Connection, parked_id: int) -> ParkedEventDetail | None:
+    """One parked event, and the earlier parked event of its deal that holds
+    it back, if any; None when no parked event has that id."""
+    p = parked_events.c
+    row = connection.execute(sa.select(parked_events).where(p.id == parked_id)).first()
+    if row is None:
+        return None
+    held_behind = None
+    if row.stream_version is not None:
+        held_behind = connection.execute(
+            sa.select(p.id)
+            .where(
+                p.deal_id == row.deal_id,
+                p.stream_version.is_not(None),
+                p.stream_version < row.stream_version,
+            )
+            .order_by(p.stream_version)
+            .limit(1)
+        ).scalar_one_or_none()
+    return ParkedEventDetail(**_fields(row), held_behind=held_behind)
+
+
+def _fields(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "parked_at": format_micros(row.parked_us),
+        "source": row.source,
+        "topic": row.topic,
+        "partition": row.partition,
+        "offset": row.offset,
+        "position": row.position,
+        "event_id": row.event_id,
+        "deal_id": row.deal_id,
+        "type": row.event_type,
+        "error": row.error,
+        "raw": row.raw,
+        "stream_version": row.stream_version,
+    }

@@ -49,6 +49,10 @@ deals = sa.Table(
     sa.Column("meetings_no_show", sa.Integer, nullable=False),
     sa.Column("criteria_changes", sa.Integer, nullable=False),
     sa.Column("other_changes", sa.Integer, nullable=False),
+    # The deal's events in parked_events with a stream version (migration
+    # 0004): while above 0 the deal is held, and its later events are parked
+    # behind the earliest of them instead of applied on an incomplete state.
+    sa.Column("parked", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Index("ix_deals_status_stage", "status", "stage"),
     sa.Index("ix_deals_created_us", "created_us"),
     sa.Index("ix_deals_process", "process"),
@@ -124,6 +128,12 @@ parked_events = sa.Table(
     sa.Column("event_type", sa.String(64)),
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("raw", sa.Text, nullable=False),
+    # The event's version in its deal's stream when its envelope was read: the
+    # deal moved past it and counts it in deals.parked. Null when the envelope
+    # could not be read (or the event was parked before migration 0004): such
+    # an event holds nothing back.
+    sa.Column("stream_version", sa.Integer),
+    sa.Index("ix_parked_events_deal_id", "deal_id", "stream_version"),
 )
 
 # One row per `metrics rebuild`: where it stands, for the status API and for

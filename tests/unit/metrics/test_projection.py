@@ -220,19 +220,28 @@ def test_events_before_deal_created_are_kept_until_it_arrives(
     ]
 
 
-def test_an_unknown_event_type_is_parked_and_the_stream_goes_on(
+def test_an_unknown_event_type_is_parked_and_the_other_deals_go_on(
     projected: Projected, caplog: pytest.LogCaptureFixture
 ) -> None:
     log = Log()
     log.create("d1", 0)
     strange = log.add("d1", "deal.teleported", 1)
     log.meeting("d1", 2)
+    log.create("d2", 2)
+    log.meeting("d2", 3)
     with caplog.at_level(logging.ERROR):
         result = projected.apply(log.events)
 
-    assert (result.applied, result.parked) == (3, 1)
-    assert projected.rows("SELECT meetings_held, stream_version FROM deals") == [(1, 4)]
-    parked = projected.rows("SELECT event_id, position, error, raw FROM parked_events")
+    # d1's meeting comes after its parked event: it is held (parked) behind
+    # it, not applied (it used to be). d2 goes on.
+    assert (result.applied, result.parked) == (5, 2)
+    assert projected.rows(
+        "SELECT deal_id, meetings_held, stream_version, parked FROM deals "
+        "ORDER BY deal_id"
+    ) == [("d1", 0, 4, 2), ("d2", 1, 3, 0)]
+    parked = projected.rows(
+        "SELECT event_id, position, error, raw FROM parked_events ORDER BY id"
+    )
     assert parked[0][:2] == (strange["event_id"], strange["position"])
     assert "deal.teleported" in parked[0][2]
     assert json.loads(parked[0][3])["type"] == "deal.teleported"
@@ -252,11 +261,13 @@ def test_data_that_breaks_its_schema_is_parked_with_the_field_named(
     log.meeting("d1", 2)
     result = projected.apply(log.events)
 
-    assert (result.applied, result.parked) == (3, 1)
-    [(error,)] = projected.rows("SELECT error FROM parked_events")
+    # The meeting after the broken stage change is held behind it (parked,
+    # not applied, as it used to be).
+    assert (result.applied, result.parked) == (2, 2)
+    error = projected.rows("SELECT error FROM parked_events ORDER BY id")[0][0]
     assert "/data/to" in error
     assert projected.rows("SELECT stage, meetings_held FROM deals") == [
-        ("prospecting", 1)
+        ("prospecting", 0)
     ]
 
 
@@ -345,3 +356,95 @@ def test_a_stale_offset_rolls_the_whole_batch_back(projected: Projected) -> None
         projected.projection.apply(late, offsets.writer({0: 1}))
     assert projected.rows("SELECT meetings_held FROM deals") == [(0,)]
     assert offsets.stored([0]) == {0: 2}
+
+
+def test_a_deals_events_after_its_parked_one_are_held_behind_it_in_order(
+    projected: Projected,
+) -> None:
+    log = Log()
+    log.create("d1", 0)
+    broken = log.change("d1", "connecting", 1)
+    del broken["data"]["to"]
+    log.change("d1", "researching", 2)
+    log.meeting("d1", 3)
+    log.create("d2", 0)
+    log.change("d2", "connecting", 1)
+    # Batches of 2: the second and third are held behind an event parked by
+    # an earlier batch, found in the parking table.
+    result = projected.apply(log.events, batch=2)
+
+    assert (result.applied, result.parked) == (5, 3)
+    held = (
+        "held behind the earlier parked event of deal d1 "
+        f"(position=3 event_id={broken['event_id']})"
+    )
+    parked = projected.rows(
+        "SELECT position, stream_version, error FROM parked_events ORDER BY id"
+    )
+    assert [row[:2] for row in parked] == [(3, 3), (4, 4), (5, 5)]
+    assert "/data/to" in parked[0][2]
+    assert parked[1][2].startswith(held) and parked[2][2].startswith(held)
+    # Applied on top, the researching change would have closed a prospecting
+    # visit the deal never left (as far as the read models know).
+    assert visits(projected, "d1") == [("prospecting", us(0), None, None, None, None)]
+    assert projected.rows(
+        "SELECT deal_id, stream_version, parked, stage, meetings_held FROM deals "
+        "ORDER BY deal_id"
+    ) == [("d1", 5, 3, "prospecting", 0), ("d2", 3, 0, "connecting", 0)]
+
+    # Delivered again, nothing is parked twice.
+    again = projected.apply(log.events)
+    assert (again.skipped, again.parked) == (len(log.events), 0)
+    assert projected.rows("SELECT count(*) FROM parked_events") == [(3,)]
+
+
+def test_an_event_without_a_readable_envelope_holds_nothing_back(
+    projected: Projected,
+) -> None:
+    log = Log()
+    log.create("d1", 0)
+    unreadable = log.add("d1", "meeting.held", 1)
+    del unreadable["occurred_at"]
+    log.meeting("d1", 2)
+    result = projected.apply(log.events)
+
+    # No envelope, no stream version: the deal cannot be moved past it, and
+    # its later events are applied.
+    assert (result.applied, result.parked) == (3, 1)
+    assert projected.rows("SELECT deal_id, stream_version FROM parked_events") == [
+        ("d1", None)
+    ]
+    assert projected.rows(
+        "SELECT stream_version, parked, meetings_held FROM deals"
+    ) == [(4, 0, 1)]
+
+
+def test_an_event_the_database_refuses_holds_its_deal_back_too(
+    projected: Projected, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    log.create("boom", 0)
+    log.meeting("boom", 1)
+    original = Projection._write
+
+    def write(self: Projection, connection: sa.Connection, changes: object) -> None:
+        if any(
+            d == "boom" and s.changed and s.visit_count
+            for d, s in changes.deals.items()
+        ):  # type: ignore[attr-defined]
+            raise sa.exc.IntegrityError("INSERT", {}, Exception("refused"))
+        original(self, connection, changes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Projection, "_write", write)
+    result = projected.apply(log.events)
+
+    assert (result.applied, result.parked) == (1, 2)
+    parked = projected.rows(
+        "SELECT event_type, stream_version, error FROM parked_events ORDER BY id"
+    )
+    assert [row[:2] for row in parked] == [("stage.changed", 2), ("meeting.held", 3)]
+    assert parked[0][2].startswith("cannot be written")
+    assert parked[1][2].startswith("held behind the earlier parked event of deal boom")
+    assert projected.rows(
+        "SELECT stream_version, parked, meetings_held FROM deals"
+    ) == [(3, 2, 0)]

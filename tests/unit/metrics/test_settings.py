@@ -76,3 +76,13 @@ def test_migrate_creates_the_read_models(
     monkeypatch.setenv("DEALLEDGER_DATA_DIR", str(tmp_path / "data"))
     assert main(["migrate"]) == 0
     assert (tmp_path / "data" / "metrics.db").is_file()
+
+
+def test_the_ops_token_is_a_setting_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_OPS_TOKEN", "ops-token-0123")
+    settings = load_settings()
+    assert settings.ops_token is not None
+    assert settings.ops_token.get_secret_value() == "ops-token-0123"
+    monkeypatch.setenv("METRICS_API_TOKEN", "ops-token-0123")
+    with pytest.raises(ConfigurationError, match="METRICS_OPS_TOKEN must differ"):
+        load_settings()
