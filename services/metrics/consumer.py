@@ -150,16 +150,30 @@ class KafkaSource:
         if consumer is None:
             return
         topic = settings.kafka_topic
-        found = self._wait_for_topic(consumer, stop)
-        if found is None:
-            consumer.close(autocommit=False)
-            return
         if self._group:
             # Subscribed only once the topic exists: subscribing first makes
             # kafka-python log every metadata refresh until it does, and now
-            # and then never assign the partitions once it does.
+            # and then never assign the partitions once it does. Asked of a
+            # consumer of its own: a group consumer that fetched the whole
+            # cluster's metadata before subscribing was seen to drop out of
+            # its group and not come back for a minute.
+            probe = KafkaConsumer(
+                bootstrap_servers=settings.kafka_bootstrap.split(","),
+                enable_auto_commit=False,
+            )
+            try:
+                found = self._wait_for_topic(probe, stop)
+            finally:
+                probe.close()
+            if found is None:
+                consumer.close(autocommit=False)
+                return
             consumer.subscribe(topics=[topic], listener=_SeekToStored(self))
         else:
+            found = self._wait_for_topic(consumer, stop)
+            if found is None:
+                consumer.close(autocommit=False)
+                return
             self._assign_every_partition(consumer, found)
         logger.info(
             "kafka source started bootstrap=%s topic=%s group=%s",
