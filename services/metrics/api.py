@@ -706,9 +706,10 @@ def create_app(
         """How far the projector got: offsets and lag per partition, the last
         position applied, events applied and parked."""
         with reading() as connection:
-            return status_module.projector_status(
-                connection, settings.kafka_topic, kafka_ends
+            status = status_module.projector_status(
+                connection, settings.kafka_topic, None
             )
+        return status_module.with_lag(status, kafka_ends)
 
     @v1.get("/parked", response_model=ParkedAnswer, tags=["operations"])
     def get_parked(

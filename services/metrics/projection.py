@@ -269,10 +269,16 @@ def _identity_hint(value: bytes | str | dict[str, Any] | None) -> dict[str, Any]
 class Projection:
     """Applies batches of recorded events to the read models."""
 
-    def __init__(self, engine: sa.Engine, catalog: Catalog) -> None:
+    def __init__(
+        self, engine: sa.Engine, catalog: Catalog, *, batch_lock: bool = True
+    ) -> None:
+        """`batch_lock=False` for read models nobody retries parked events
+        of (a rebuild's staging area): their batches must not wait for, nor
+        hold up, those of the read models in the same database."""
         self._engine = engine
         self._catalog = catalog
         self._writes = writes_for(engine)
+        self._batch_lock = batch_lock
 
     # -- the transaction ------------------------------------------------------
 
@@ -286,7 +292,8 @@ class Projection:
         decoded = [_decode(item) for item in batch]
         try:
             with self._engine.begin() as connection:
-                lock_batches(connection)
+                if self._batch_lock:
+                    lock_batches(connection)
                 result = BatchResult()
                 changes = _Changes()
                 self._project(connection, batch, decoded, result, changes)
@@ -316,7 +323,8 @@ class Projection:
         is parked with the database's error."""
         try:
             with self._engine.begin() as connection:
-                lock_batches(connection)
+                if self._batch_lock:
+                    lock_batches(connection)
                 result = BatchResult()
                 for item, event in zip(batch, decoded, strict=True):
                     single = BatchResult()

@@ -46,7 +46,7 @@ from metrics.errors import MetricsError
 from metrics.feed import FeedSource
 from metrics.processes import Catalog, load_catalog
 from metrics.progress import FEED_KEY, FeedProgress, KafkaOffsets
-from metrics.projection import Projection
+from metrics.projection import Projection, lock_batches
 from metrics.settings import Settings
 from metrics.storage import create_engine, migrate
 from metrics.tables import (
@@ -85,7 +85,11 @@ CATCH_UP_WITHIN = 1_000
 BUILDING, SWITCHED, ABANDONED = "building", "switched", "abandoned"
 
 _ADVISORY_LOCK = 0x6D6574726963_7262  # "metric" "rb": one rebuild at a time
-_LOCK_TIMEOUT = "5s"
+# How long the switch waits for the live projector's batch in flight, and
+# then for each table (API queries hold their tables for milliseconds).
+_BATCH_LOCK_TIMEOUT = "10s"
+_TABLE_LOCK_TIMEOUT = "1s"
+_RETRY_FIRST_S, _RETRY_MAX_S = 2.0, 30.0
 # How long the switch waits, with the live projector held, for the staged
 # read models to reach the live ones before it gives up and builds on.
 _CATCH_UP_S = 30.0
@@ -149,7 +153,8 @@ Finish = Callable[[sa.Connection, RebuildProgress], None]
 
 
 class _Staging(Protocol):
-    engine: sa.Engine
+    engine: sa.Engine  # the rebuild's projection writes through it
+    reader: sa.Engine  # progress is read through it, without the write lock
 
     def exists(self) -> bool: ...
 
@@ -176,6 +181,7 @@ class _PostgresStaging:
         self._settings = settings
         self._main = main
         self.engine = create_engine(settings, writer=True, schema=STAGING_SCHEMA)
+        self.reader = self.engine
 
     def exists(self) -> bool:
         query = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
@@ -207,7 +213,17 @@ class _PostgresStaging:
     def switch(self, catch_up: CatchUp, finish: Finish) -> None:
         quote = self._main.dialect.identifier_preparer.quote
         with self._main.begin() as connection:
-            connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            # First the projector batches' lock, exclusively: the batch in
+            # flight ends, the next waits before it reads anything (a batch
+            # that had read its deals from the old tables would otherwise
+            # deadlock with the rename below, or write them into the new).
+            connection.exec_driver_sql(
+                f"SET LOCAL lock_timeout = '{_BATCH_LOCK_TIMEOUT}'"
+            )
+            lock_batches(connection, exclusive=True)
+            connection.exec_driver_sql(
+                f"SET LOCAL lock_timeout = '{_TABLE_LOCK_TIMEOUT}'"
+            )
             target = quote(
                 connection.exec_driver_sql("SELECT current_schema()").scalar_one()
             )
@@ -258,15 +274,17 @@ class _SqliteStaging:
         main_path = Path(database)
         self.path = main_path.with_name(f"{main_path.stem}.rebuild{main_path.suffix}")
         self.engine = create_engine(settings, writer=True, url=f"sqlite:///{self.path}")
+        self.reader = create_engine(settings, url=f"sqlite:///{self.path}")
         # Transactions that begin deferred: the switch must not lock the
         # staged file, which the rebuild's source goes on writing meanwhile.
         self._switcher = create_engine(settings, url=main.url)
 
     def _files(self) -> list[Path]:
-        return [self.path.with_name(self.path.name + s) for s in ("", "-wal", "-shm")]
+        # The WAL first: a WAL left beside a new file would be replayed into it.
+        return [self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "")]
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return any(path.exists() for path in self._files())
 
     def open(self) -> sa.Engine:
         migrate(self.engine)
@@ -274,6 +292,7 @@ class _SqliteStaging:
 
     def drop(self) -> None:
         self.engine.dispose()
+        self.reader.dispose()
         for path in self._files():
             path.unlink(missing_ok=True)
 
@@ -297,6 +316,7 @@ class _SqliteStaging:
                         )
                         progress = catch_up(connection)
                         self.engine.dispose()
+                        self.reader.dispose()
                         for table in SWITCHED_TABLES:
                             columns = ", ".join(f'"{c.name}"' for c in table.columns)
                             connection.exec_driver_sql(f"DELETE FROM main.{table.name}")
@@ -363,12 +383,16 @@ class Rebuild:
         is in progress, and the source's or the database's errors when they
         give up; the current read models are untouched in every case."""
         main = create_engine(self._settings, writer=True)
+        # Reads of the live read models that must not take SQLite's write
+        # lock (the writer engine begins every transaction with it).
+        self._reader = create_engine(self._settings)
         try:
             migrate(main)
             staging = _staging(self._settings, main)
             with staging.lock():
                 return self._run(main, staging, stop)
         finally:
+            self._reader.dispose()
             main.dispose()
 
     def _run(
@@ -380,7 +404,7 @@ class Rebuild:
         started = time.monotonic()
         try:
             runner = self._runner(engine)
-            first = self._measure(engine, runner.source)
+            first = self._measure(staging.reader, runner.source)
             logger.info(
                 "rebuild %s id=%d source=%s staged_done=%d events_applied=%d",
                 "resumed" if runs > 1 else "started",
@@ -394,6 +418,7 @@ class Rebuild:
             )
         finally:
             staging.engine.dispose()
+            staging.reader.dispose()
         seconds = time.monotonic() - started
         summary = RebuildSummary(
             rebuild_id=rebuild_id,
@@ -428,7 +453,8 @@ class Rebuild:
     ) -> tuple[RebuildProgress, bool]:
         """Build until caught up, then switch; build on when the switch is
         not possible yet. The final progress, and whether it switched."""
-        ticker = _Ticker(self, main, staging.engine, rebuild_id)
+        ticker = _Ticker(self, main, staging.reader, rebuild_id)
+        retry_s = _RETRY_FIRST_S
         runner.start()
         try:
             while True:
@@ -446,6 +472,20 @@ class Rebuild:
                     runner.start()
                     continue
                 ticker.tick(runner.source, force=True)
+                behind = self._behind_live(staging.reader)
+                if behind > CATCH_UP_WITHIN:
+                    # Caught up with its source, not yet with the live read
+                    # models (a live projector ahead, or a source of the
+                    # rebuild's that stalls): no lock for that, read on.
+                    logger.info(
+                        "rebuild behind the live read models id=%d behind=%d",
+                        rebuild_id,
+                        behind,
+                    )
+                    runner.source.caught_up.clear()
+                    ticker.tick(runner.source, wait_s=retry_s)
+                    retry_s = min(_RETRY_MAX_S, retry_s * 2)
+                    continue
                 if self._on_caught_up is not None:
                     self._on_caught_up()
                     if stop.is_set():
@@ -454,18 +494,22 @@ class Rebuild:
                 try:
                     progress = self._switch(staging, runner, ticker, rebuild_id)
                 except (_NotCaughtUp, sa.exc.OperationalError) as error:
-                    # A lock wait that timed out, a deadlock with a batch of
-                    # the live projector, or a live projector far ahead:
-                    # nothing was changed; build on and try again.
+                    # A lock wait that timed out, a deadlock, or a live
+                    # projector that got far ahead: nothing was changed;
+                    # build on and try again, less and less often.
                     logger.warning(
-                        "switch not possible yet, building on id=%d error=%s",
+                        "switch not possible yet, building on id=%d "
+                        "retry_in_s=%.0f error=%s",
                         rebuild_id,
+                        retry_s,
                         error,
                     )
                     if not runner.alive():
                         runner = self._runner(staging.engine)
                         runner.start()
-                    ticker.tick(runner.source, wait_s=1.0)
+                    runner.source.caught_up.clear()
+                    ticker.tick(runner.source, wait_s=retry_s)
+                    retry_s = min(_RETRY_MAX_S, retry_s * 2)
                     continue
                 return progress, True
         finally:
@@ -540,8 +584,10 @@ class Rebuild:
 
     def _runner(self, engine: sa.Engine) -> _Runner:
         settings = self._settings
-        catalog = self._catalog or load_catalog(settings.processes_dir)
-        projection = Projection(engine, catalog)
+        if self._catalog is None:
+            # Read once a run: every batch of a run sees the same processes.
+            self._catalog = load_catalog(settings.processes_dir)
+        projection = Projection(engine, self._catalog, batch_lock=False)
         source: FeedSource | KafkaSource
         if self._source_name == "feed":
             source = FeedSource(
@@ -615,6 +661,15 @@ class Rebuild:
         ).all()
         return {row.partition: row.next_offset for row in rows}
 
+    def _behind_live(self, staged: sa.Engine) -> int:
+        """How many events (or positions) the staged read models are behind
+        the live ones in this rebuild's source, read without a lock."""
+        with self._reader.connect() as connection:
+            live = self._marks(connection)
+        with staged.connect() as connection:
+            have = self._marks(connection)
+        return sum(max(0, mark - have.get(key, 0)) for key, mark in live.items())
+
     # -- the switch ------------------------------------------------------------------
 
     def _switch(
@@ -625,7 +680,7 @@ class Rebuild:
             live = self._marks(connection)
             deadline = time.monotonic() + _CATCH_UP_S
             while True:
-                with staging.engine.connect() as staged_connection:
+                with staging.reader.connect() as staged_connection:
                     staged = self._marks(staged_connection)
                 if all(staged.get(key, 0) >= mark for key, mark in live.items()):
                     break
@@ -727,8 +782,17 @@ class _Ticker:
             self._rebuild._report(progress)
         now = time.monotonic()
         if record and (force or now - self._written >= _ROW_EVERY_S):
-            with self._main.begin() as connection:
-                self._rebuild._write_row(connection, self._id, progress)
+            try:
+                with self._main.begin() as connection:
+                    self._rebuild._write_row(connection, self._id, progress)
+            except sa.exc.OperationalError as error:
+                # The row is what the status shows, not the rebuild's state:
+                # a database busy for longer than its timeout delays it.
+                logger.warning(
+                    "rebuild progress not recorded, later id=%d error=%s",
+                    self._id,
+                    error,
+                )
             self._written = now
         if now - self._logged >= _LOG_EVERY_S:
             logger.info(

@@ -28,6 +28,7 @@ __all__ = [
     "parked_event",
     "projector_status",
     "rebuild_status",
+    "with_lag",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,24 @@ def projector_status(
         updated_at=format_micros(updated) if updated else None,
         rebuild=rebuild_status(connection),
     )
+
+
+def with_lag(status: ProjectorStatus, ends: KafkaEndOffsets | None) -> ProjectorStatus:
+    """The status with the broker's end offsets and the lag of each
+    partition. Asked after the database transaction that read the status
+    has ended: a broker that is slow to answer must not keep the read
+    models' tables locked (a rebuild's switch waits for those locks)."""
+    if ends is None or status.topic is None or not status.partitions:
+        return status
+    found = ends.ends(status.topic, [p.partition for p in status.partitions])
+    if not found:
+        return status
+    partitions = []
+    for partition in status.partitions:
+        end = found.get(partition.partition)
+        lag = max(0, end - partition.next_offset) if end is not None else None
+        partitions.append(partition.model_copy(update={"end_offset": end, "lag": lag}))
+    return status.model_copy(update={"partitions": partitions})
 
 
 def rebuild_status(connection: sa.Connection) -> RebuildStatus | None:

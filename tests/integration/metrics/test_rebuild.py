@@ -279,6 +279,58 @@ def test_events_arriving_during_a_rebuild_reach_the_new_read_models(
     )
 
 
+def test_events_arriving_throughout_the_switch_are_applied_once(
+    feed_settings: Settings,
+    projected: Projected,
+    feed: StubFeed,
+    events: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    first = events[: len(events) // 3]
+    feed.events[:] = first
+    settings = feed_settings.model_copy(
+        update={"feed_page_limit": 40, "feed_poll_interval_ms": 20}
+    )
+    live = LiveFeedProjector(settings, projected)
+    done = threading.Event()
+
+    def crm() -> None:
+        # The rest arrives a few events at a time, while the rebuild builds,
+        # catches up and switches: live batches are in flight throughout.
+        for start in range(len(first), len(events), 5):
+            feed.events.extend(events[start : start + 5])
+            time.sleep(0.01)
+        done.set()
+
+    writer = threading.Thread(target=crm)
+    try:
+        wait_for(lambda: live.source.caught_up.is_set(), "the live projector")
+        writer.start()
+        summary = Rebuild(settings, "feed", catalog=projected.catalog).run(
+            threading.Event()
+        )
+        assert summary.state == "switched"
+        writer.join(60)
+        assert done.is_set()
+        wait_for(
+            lambda: (
+                FeedProgress(projected.engine, feed.url).stored()
+                == events[-1]["position"]
+            ),
+            "the live projector to apply the last event",
+        )
+    finally:
+        live.close()
+
+    assert snapshot(projected.engine) == clean_projection(
+        feed_settings, events, tmp_path
+    )
+    # Every event counted once in the read models' own progress.
+    assert projected.rows("SELECT events_applied FROM feed_position") == [
+        (len(events),)
+    ]
+
+
 def test_a_killed_rebuild_leaves_the_read_models_and_resumes(
     feed_settings: Settings,
     projected: Projected,
