@@ -3,48 +3,26 @@ models, a restart that counts nothing twice, partitions split by deal."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from metrics.consumer import KafkaSource
 from metrics.progress import KafkaOffsets
 from metrics.settings import Settings
+from tests.integration.metrics.conftest import produce
 from tests.integration.metrics.scenario import scenario
 from tests.unit.metrics.conftest import Projected
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaProducer, TopicPartition
+    from kafka import TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def topic(kafka_bootstrap: str) -> Iterator[str]:
-    name = f"deal-events-test-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])
-    yield name
-    admin.delete_topics([name])
-    admin.close()
-
-
-def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for event in events:
-        producer.send(
-            topic, key=event["deal_id"].encode(), value=json.dumps(event).encode()
-        )
-    producer.flush()
-    producer.close()
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

@@ -36,6 +36,7 @@ from metrics.progress import FeedProgress, KafkaOffsets
 from metrics.rebuild import STAGING_SCHEMA, Rebuild, RebuildRefused, abandon
 from metrics.settings import Settings
 from metrics.storage import create_engine, migrate
+from tests.integration.metrics.conftest import produce
 from tests.integration.metrics.scenario import scenario
 from tests.integration.metrics.test_feed_source import StubFeed
 from tests.unit.metrics.conftest import Projected
@@ -44,8 +45,8 @@ from tests.unit.metrics.streams import Log
 with warnings.catch_warnings():
     # kafka-python's own deprecated importlib call, on its first import
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaProducer, TopicPartition
-    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka import TopicPartition
+    from kafka.admin import KafkaAdminClient
 
     from metrics.consumer import KafkaSource
 
@@ -134,6 +135,33 @@ def rebuild_row(engine: sa.Engine) -> dict[str, Any] | None:
             "FROM rebuilds ORDER BY id DESC LIMIT 1"
         ).first()
     return None if row is None else dict(row._mapping)
+
+
+def kill_rebuild_part_way(
+    engine: sa.Engine, source: str, after_events: int, settings: dict[str, str]
+) -> str:
+    """Run `metrics rebuild --source SOURCE` with the METRICS_* `settings`,
+    SIGKILL it once it has applied `after_events`; its stderr."""
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("METRICS_")},
+        **settings,
+        "PYTHONPATH": f"{REPO / 'services'}{os.pathsep}{REPO}",
+    }
+    command = [sys.executable, "-m", "metrics.cli", "rebuild", "--source", source]
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(
+            lambda: (
+                (rebuild_row(engine) or {}).get("events_applied", 0) >= after_events
+            ),
+            "the rebuild to get going",
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=30)
+    return stderr.decode(errors="replace")
 
 
 class LiveFeedProjector:
@@ -343,31 +371,20 @@ def test_a_killed_rebuild_leaves_the_read_models_and_resumes(
     damage(projected.engine)
     damaged = snapshot(projected.engine)
     feed.delay_s = 0.2
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("METRICS_")},
-        "METRICS_DATABASE_URL": database_url,
-        "METRICS_PROCESSES_DIR": str(feed_settings.processes_dir),
-        "METRICS_FEED_URL": feed.url,
-        "METRICS_FEED_PAGE_LIMIT": "50",
-        "PYTHONPATH": f"{REPO / 'services'}{os.pathsep}{REPO}",
-    }
-    command = [sys.executable, "-m", "metrics.cli", "rebuild", "--source", "feed"]
-    process = subprocess.Popen(
-        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    stderr = kill_rebuild_part_way(
+        projected.engine,
+        "feed",
+        200,
+        {
+            "METRICS_DATABASE_URL": database_url,
+            "METRICS_PROCESSES_DIR": str(feed_settings.processes_dir),
+            "METRICS_FEED_URL": feed.url,
+            "METRICS_FEED_PAGE_LIMIT": "50",
+        },
     )
-    try:
-        wait_for(
-            lambda: (
-                (rebuild_row(projected.engine) or {}).get("events_applied", 0) >= 200
-            ),
-            "the rebuild to get going",
-        )
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=30)
 
     interrupted = rebuild_row(projected.engine)
-    assert interrupted is not None and interrupted["state"] == "building"
+    assert interrupted is not None and interrupted["state"] == "building", stderr
     assert snapshot(projected.engine) == damaged
     assert staging_exists(feed_settings, projected.engine)
 
@@ -441,26 +458,6 @@ def test_the_command_prints_its_summary(
 
 
 # -- from Kafka --------------------------------------------------------------------
-
-
-@pytest.fixture
-def topic(kafka_bootstrap: str) -> Iterator[str]:
-    name = f"deal-events-rebuild-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])
-    yield name
-    admin.delete_topics([name])
-    admin.close()
-
-
-def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for event in events:
-        producer.send(
-            topic, key=event["deal_id"].encode(), value=json.dumps(event).encode()
-        )
-    producer.flush()
-    producer.close()
 
 
 def stored_offsets(engine: sa.Engine, topic: str) -> int:
@@ -541,29 +538,18 @@ def test_a_killed_rebuild_from_kafka_resumes(
 ) -> None:
     events = history(3000)
     produce(kafka_bootstrap, topic, events)
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("METRICS_")},
-        "METRICS_DATABASE_URL": database_url,
-        "METRICS_PROCESSES_DIR": str(settings.processes_dir),
-        "METRICS_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "METRICS_KAFKA_TOPIC": topic,
-        "METRICS_BATCH_MAX_EVENTS": "100",
-        "PYTHONPATH": f"{REPO / 'services'}{os.pathsep}{REPO}",
-    }
-    command = [sys.executable, "-m", "metrics.cli", "rebuild", "--source", "kafka"]
-    process = subprocess.Popen(
-        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    stderr = kill_rebuild_part_way(
+        projected.engine,
+        "kafka",
+        500,
+        {
+            "METRICS_DATABASE_URL": database_url,
+            "METRICS_PROCESSES_DIR": str(settings.processes_dir),
+            "METRICS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "METRICS_KAFKA_TOPIC": topic,
+            "METRICS_BATCH_MAX_EVENTS": "100",
+        },
     )
-    try:
-        wait_for(
-            lambda: (
-                (rebuild_row(projected.engine) or {}).get("events_applied", 0) >= 500
-            ),
-            "the rebuild to get going",
-        )
-    finally:
-        process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=30)
     interrupted = rebuild_row(projected.engine)
     assert interrupted is not None and interrupted["state"] == "building", stderr
     assert projected.rows("SELECT count(*) FROM deals") == [(0,)]
