@@ -63,8 +63,11 @@ __all__ = [
     "StreamWrite",
 ]
 
+import contextlib
+import hashlib
 import json
 import logging
+import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass
@@ -216,8 +219,39 @@ class EventLog:
         self._engine = engine
         self._reader = deferred(engine)
         self._postgres = engine.dialect.name == "postgresql"
+        self._local_writers = [threading.Lock() for _ in range(_LOCAL_STRIPES)]
 
     # -- writing ---------------------------------------------------------------
+
+    @contextmanager
+    def writers_of(self, deal_ids: Iterable[str]) -> Iterator[None]:
+        """Hold back the other writers of these deals that also ask, in every
+        process, for as long as the block runs (PostgreSQL: a session
+        advisory lock a deal, taken in key order). Appends stay optimistic;
+        this is for a writer that lost too many races on a hot deal, so that
+        it reads and appends without a fellow loser in between. On SQLite
+        (the embedded default, one process) the wait is among the threads of
+        this process only."""
+        if not self._postgres:
+            stripes = sorted({_deal_lock_key(d) % _LOCAL_STRIPES for d in deal_ids})
+            with contextlib.ExitStack() as held:
+                for stripe in stripes:
+                    held.enter_context(self._local_writers[stripe])
+                yield
+            return
+        keys = sorted({_deal_lock_key(deal_id) for deal_id in deal_ids})
+        with self._storage("wait for the deal's writers"):
+            connection = self._engine.connect()
+        try:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            for key in keys:
+                connection.execute(sa.select(sa.func.pg_advisory_lock(key)))
+            yield
+        finally:
+            try:
+                connection.execute(sa.select(sa.func.pg_advisory_unlock_all()))
+            finally:
+                connection.close()
 
     def append(self, writes: Sequence[StreamWrite]) -> list[RecordedEvent]:
         """Append to several deal streams in one transaction, all or nothing.
@@ -820,3 +854,13 @@ def _rfc3339(moment: datetime) -> str:
     )
     timespec = "microseconds" if utc.microsecond else "seconds"
     return utc.isoformat(timespec=timespec) + "Z"
+
+
+# Deals share these many in-process locks of `EventLog.writers_of` (SQLite).
+_LOCAL_STRIPES = 64
+
+
+def _deal_lock_key(deal_id: str) -> int:
+    """A deal's advisory lock key: 63 bits of a digest of its id."""
+    digest = hashlib.blake2b(f"dealledger-deal:{deal_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["created", "duplicate", "conflict", "invalid"]
 MAX_ATTEMPTS = 30
+# Attempts that race freely; the later ones of a batch wait their turn with
+# the other writers of its deals that lost as often (`EventLog.writers_of`).
+OPTIMISTIC_ATTEMPTS = 4
 
 
 @dataclass(slots=True)
@@ -112,9 +115,15 @@ class Ingestion:
             except InvalidEvent as exc:
                 results[index] = ItemResult("invalid", error=exc)
 
+        deal_ids = sorted({event.deal_id for event in parsed.values()})
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                return self._attempt(parsed, list(results))
+                if attempt <= OPTIMISTIC_ATTEMPTS:
+                    return self._attempt(parsed, list(results))
+                # Lost that many races: queue with the other losers of these
+                # deals, so that each of them gets its turn.
+                with self.log.writers_of(deal_ids):
+                    return self._attempt(parsed, list(results))
             except ProgressionError as exc:
                 if not exc.retriable or attempt == MAX_ATTEMPTS:
                     raise
