@@ -130,6 +130,12 @@ class KafkaSource:
                     check_crcs=settings.kafka_check_crcs,
                     max_partition_fetch_bytes=_PARTITION_FETCH_BYTES,
                     request_timeout_ms=max(settings.kafka_request_timeout_ms, 30_001),
+                    session_timeout_ms=settings.kafka_session_timeout_ms,
+                    # A third of the session timeout at most, as Kafka advises.
+                    heartbeat_interval_ms=min(
+                        3_000, settings.kafka_session_timeout_ms // 3
+                    ),
+                    reconnect_backoff_max_ms=settings.kafka_reconnect_backoff_max_ms,
                 )
             except KafkaError as error:
                 logger.warning(

@@ -96,6 +96,22 @@ class Settings(BaseSettings):
     kafka_group: str = Field(default="metrics-projector", min_length=1)
     kafka_poll_timeout_ms: int = Field(default=500, ge=1)
     kafka_request_timeout_ms: int = Field(default=5000, ge=1000)
+    kafka_session_timeout_ms: int = Field(
+        default=45_000,
+        ge=6_000,
+        le=300_000,
+        description="How long the consumer group waits for a projector that "
+        "stopped answering before it hands that projector's partitions to "
+        "another (kafka-python's default). Lower: a faster hand-over after a "
+        "crash; too low for the machine: needless rebalances.",
+    )
+    kafka_reconnect_backoff_max_ms: int = Field(
+        default=30_000,
+        ge=50,
+        description="The longest pause between two attempts to reach a broker "
+        "that is down (kafka-python's default): how late after an outage "
+        "the projector may notice the broker is back.",
+    )
     kafka_check_crcs: bool = Field(
         default=False,
         description="Check the CRC-32C of every record batch fetched. Off by "

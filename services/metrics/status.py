@@ -69,6 +69,9 @@ class KafkaEndOffsets:
                         bootstrap_servers=self._settings.kafka_bootstrap.split(","),
                         enable_auto_commit=False,
                         request_timeout_ms=31_000,
+                        reconnect_backoff_max_ms=(
+                            self._settings.kafka_reconnect_backoff_max_ms
+                        ),
                     )
                 found = self._consumer.end_offsets(
                     [TopicPartition(topic, p) for p in partitions]

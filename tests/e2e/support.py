@@ -271,6 +271,8 @@ class Pipeline:
     partitions: int = 3
     relay_batch_size: int = 1000
     projector_batch_size: int = 2000
+    # METRICS_KAFKA_SESSION_TIMEOUT_MS of the projectors (None: the default)
+    projector_session_timeout_ms: int | None = None
     progression_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
@@ -307,7 +309,7 @@ class Pipeline:
         }
 
     def metrics_env(self) -> dict[str, str]:
-        return {
+        env = {
             **self._env(),
             "METRICS_DATABASE_URL": self.metrics_db,
             "METRICS_PORT": str(self.metrics_port),
@@ -316,6 +318,10 @@ class Pipeline:
             "METRICS_KAFKA_GROUP": self.group,
             "METRICS_BATCH_MAX_EVENTS": str(self.projector_batch_size),
         }
+        if self.projector_session_timeout_ms is not None:
+            timeout = str(self.projector_session_timeout_ms)
+            env["METRICS_KAFKA_SESSION_TIMEOUT_MS"] = timeout
+        return env
 
     def _launch(self, name: str, command: list[str], env: dict[str, str]) -> Service:
         log_path = self.folder / f"{name}.log"

@@ -53,6 +53,8 @@ SMALL_BATCH = 20  # events per batch of the process a test kills
 NORMAL_BATCH = 1000  # and of the one that replaces it
 WRITTEN_DEALS = 300  # posted by the concurrent writers, 50 events a batch
 OUTAGE_S = 3  # how long events keep arriving with the broker stopped
+SESSION_TIMEOUT_MS = 8_000  # of the two projectors of one group
+HAND_OVER_S = 30  # the longest the group may take to notice a killed one
 
 
 def events(seed: int) -> tuple[list[dict], list[dict]]:
@@ -199,7 +201,10 @@ def test_a_projector_of_a_group_killed_while_consuming_is_replaced_by_the_other(
 ) -> None:
     first, _ = events(seed=24)
     with pipeline(
-        tmp_path, kafka_bootstrap, projector_batch_size=SMALL_BATCH
+        tmp_path,
+        kafka_bootstrap,
+        projector_batch_size=SMALL_BATCH,
+        projector_session_timeout_ms=SESSION_TIMEOUT_MS,
     ) as running:
         running.start(projector=False)
         doomed = running.start_projector("projector-1")
@@ -222,6 +227,14 @@ def test_a_projector_of_a_group_killed_while_consuming_is_replaced_by_the_other(
         with posting_in_background(running, first):
             applied_at_kill = kill_once(doomed, running.applied, 2000, running)
             consumed = running.status()["partitions"]
+            # The group notices within the session timeout the projectors
+            # were given (kafka-python's default of 45 s would not do).
+            wait_for(
+                lambda: assigned_partitions(survivor) == every,
+                "the survivor to take the killed projector's partitions",
+                HAND_OVER_S,
+                running.running(),
+            )
         assert any(p["events_applied"] for p in consumed if p["partition"] in held)
 
         recorded = running.wait_caught_up()

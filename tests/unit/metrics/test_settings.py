@@ -86,3 +86,16 @@ def test_the_ops_token_is_a_setting_of_its_own(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("METRICS_API_TOKEN", "ops-token-0123")
     with pytest.raises(ConfigurationError, match="METRICS_OPS_TOKEN must differ"):
         load_settings()
+
+
+def test_a_session_timeout_below_what_brokers_accept_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Brokers refuse sessions under 6 s (group.min.session.timeout.ms).
+    monkeypatch.setenv("METRICS_KAFKA_SESSION_TIMEOUT_MS", "1000")
+    with pytest.raises(
+        ConfigurationError, match=r"METRICS_KAFKA_SESSION_TIMEOUT_MS: .*6000"
+    ):
+        load_settings()
+    monkeypatch.setenv("METRICS_KAFKA_SESSION_TIMEOUT_MS", "10000")
+    assert load_settings().kafka_session_timeout_ms == 10_000
