@@ -63,6 +63,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """The progression event log's database on `database_url`, migrated."""
+    from progression.db import create_engine, migrate
+
+    engine = create_engine(database_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def postgres_url() -> Iterator[str]:
     """An empty PostgreSQL database, for tests that are about PostgreSQL."""
     yield from fresh_postgres_database()

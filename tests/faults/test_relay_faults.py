@@ -15,26 +15,21 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from progression import relay as relay_module
-from progression.db import create_engine, migrate
 from progression.eventlog import (
-    DealSummary,
     EventLog,
-    NewEvent,
     RecordedEvent,
-    StreamWrite,
 )
 from progression.relay import Relay
 from tests.conftest import IN_CI
+from tests.eventlog_support import LogWriter
 from tests.integration.test_relay import (
     JOIN_S,
     Message,
@@ -54,55 +49,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(150)]
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = REPO / "deploy" / "local" / "kafka.sh"
 BROKER_START_S = 90
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class LogWriter:
-    """Appends to many deal streams at once, each where it stands."""
-
-    def __init__(self, log: EventLog, deals: int) -> None:
-        self.log = log
-        prefix = uuid.uuid4().hex[:6]
-        self.versions = {f"deal-{prefix}-{n}": 0 for n in range(deals)}
-
-    def append_round(self, per_deal: int) -> None:
-        writes = []
-        for deal_id, version in self.versions.items():
-            new = [
-                NewEvent(
-                    event_id=f"{deal_id}-{version + k}",
-                    type="email.opened",
-                    deal_id=deal_id,
-                    occurred_at=T0,
-                    data={"n": version + k},
-                    digest="ab" * 32,
-                )
-                for k in range(1, per_deal + 1)
-            ]
-            writes.append(StreamWrite(deal_id, version, new, _summary(deal_id)))
-            self.versions[deal_id] = version + per_deal
-        self.log.append(writes)
-
-
-def _summary(deal_id: str) -> DealSummary:
-    return DealSummary(
-        deal_id=deal_id,
-        version=0,
-        status="pending",
-        stage=None,
-        stage_entered_at=None,
-        process=None,
-        process_version=None,
-        owner=None,
-        amount=None,
-        currency=None,
-        lead_score=None,
-        created_at=None,
-        updated_at=None,
-    )
 
 
 def check_at_least_once(
@@ -267,14 +216,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     own.start()
     yield own
     own.remove()
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 # -- tests ---------------------------------------------------------------------

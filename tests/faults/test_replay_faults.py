@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import signal
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from progression.db import create_engine, migrate
 from progression.eventlog import EventLog, RecordedEvent
+from tests.eventlog_support import LogWriter
 from tests.integration.test_relay import (
     JOIN_S,
     Message,
@@ -29,7 +29,6 @@ from tests.integration.test_relay import (
 )
 from tests.integration.test_replay import (
     PARTITIONS,
-    LogWriter,
     deduplicated,
     end,
     new_topic,
@@ -71,14 +70,6 @@ def check_at_least_once_in_stream_order(
         if not versions or version > versions[-1]:
             versions.append(version)
     assert applied == expected
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_a_replay_killed_part_way_and_run_again_leaves_the_range_on_the_topic(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -29,14 +28,6 @@ from progression.tables import events
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 PLUS_TWO = timezone(timedelta(hours=2))
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

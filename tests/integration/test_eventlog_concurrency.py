@@ -20,26 +20,18 @@ from progression.db import create_engine, migrate
 from progression.errors import DuplicateEventId, StreamConflict
 from progression.eventlog import (
     COMMIT_ORDER_LOCK,
-    DealSummary,
     EventLog,
     NewEvent,
     RecordedEvent,
     StreamWrite,
 )
 from progression.tables import events
+from tests.eventlog_support import pending_summary
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 JOIN_TIMEOUT_S = 60
 WRITERS = 8
 EVENTS_PER_WRITER = 50
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def new_event(event_id: str, deal_id: str) -> NewEvent:
@@ -50,24 +42,6 @@ def new_event(event_id: str, deal_id: str) -> NewEvent:
         occurred_at=T0,
         data={"event": event_id},
         digest="ab" * 32,
-    )
-
-
-def summary(deal_id: str) -> DealSummary:
-    return DealSummary(
-        deal_id=deal_id,
-        version=0,
-        status="pending",
-        stage=None,
-        stage_entered_at=None,
-        process=None,
-        process_version=None,
-        owner=None,
-        amount=None,
-        currency=None,
-        lead_score=None,
-        created_at=None,
-        updated_at=None,
     )
 
 
@@ -111,7 +85,7 @@ def test_concurrent_writers_never_lose_reorder_or_duplicate_an_event(
                 head = log.deal(shared_deal)
                 expected = 0 if head is None else head.version
                 write = StreamWrite(
-                    shared_deal, expected, [event], summary(shared_deal)
+                    shared_deal, expected, [event], pending_summary(shared_deal)
                 )
                 try:
                     worker.acknowledged += log.append([write])
@@ -123,7 +97,7 @@ def test_concurrent_writers_never_lose_reorder_or_duplicate_an_event(
         deal_id = f"d-{worker.name}"
         for n in range(EVENTS_PER_WRITER):
             event = new_event(f"{worker.name}-{n}", deal_id)
-            write = StreamWrite(deal_id, n, [event], summary(deal_id))
+            write = StreamWrite(deal_id, n, [event], pending_summary(deal_id))
             worker.acknowledged += log.append([write])
 
     writing = threading.Event()
@@ -186,7 +160,7 @@ def test_the_same_event_id_appended_concurrently_is_accepted_once(
     def race(worker: Worker) -> None:
         deal_id = f"d-{worker.name}"
         write = StreamWrite(
-            deal_id, 0, [new_event("e-once", deal_id)], summary(deal_id)
+            deal_id, 0, [new_event("e-once", deal_id)], pending_summary(deal_id)
         )
         start.wait()
         try:
@@ -286,7 +260,9 @@ def test_an_append_commits_only_after_an_earlier_open_append(
         first.execute(sa.select(sa.func.pg_advisory_xact_lock(COMMIT_ORDER_LOCK)))
         lower = insert_position(first, "e-lower", "d-1")
 
-        write = StreamWrite("d-2", 0, [new_event("e-higher", "d-2")], summary("d-2"))
+        write = StreamWrite(
+            "d-2", 0, [new_event("e-higher", "d-2")], pending_summary("d-2")
+        )
 
         def second_append(worker: Worker) -> None:
             worker.acknowledged += log.append([write])
@@ -331,7 +307,7 @@ def test_an_append_waits_for_the_insert_of_another_append_to_commit(
         def append_one(deal_id: str) -> Callable[[Worker], None]:
             def append(worker: Worker) -> None:
                 event = new_event(f"e-{deal_id}", deal_id)
-                write = StreamWrite(deal_id, 0, [event], summary(deal_id))
+                write = StreamWrite(deal_id, 0, [event], pending_summary(deal_id))
                 worker.acknowledged += log.append([write])
 
             return append

@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from progression.eventlog import DealSummary, NewEvent, RecordedEvent, StreamWrite
+from progression.eventlog import NewEvent, RecordedEvent, StreamWrite
 from progression.relay import PublishRefused, Relay
 from progression.service import Service
 from progression.settings import Settings, load_settings
+from tests.eventlog_support import pending_summary
 
 from .progression_support import event, happy_path
 
@@ -387,7 +388,7 @@ def test_an_event_kafka_refuses_stops_the_relay_just_below_it(
         data={"text": "x" * 1_100_000},
         digest="ab" * 32,
     )
-    service.log.append([StreamWrite("huge", 0, [huge], _summary("huge"))])
+    service.log.append([StreamWrite("huge", 0, [huge], pending_summary("huge"))])
     submit_interleaved(service, ["small-2"])
 
     settings = relay_settings(database_url, kafka_bootstrap, topic)
@@ -404,22 +405,4 @@ def test_an_event_kafka_refuses_stops_the_relay_just_below_it(
     check_exactly_once(
         read_topic(kafka_bootstrap, topic),
         [e for e in published if e.position <= below],
-    )
-
-
-def _summary(deal_id: str) -> DealSummary:
-    return DealSummary(
-        deal_id=deal_id,
-        version=0,
-        status="pending",
-        stage=None,
-        stage_entered_at=None,
-        process=None,
-        process_version=None,
-        owner=None,
-        amount=None,
-        currency=None,
-        lead_score=None,
-        created_at=None,
-        updated_at=None,
     )

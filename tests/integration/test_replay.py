@@ -19,7 +19,6 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,8 @@ from metrics.api import create_app as create_metrics_app
 from metrics.settings import Settings as MetricsSettings
 from progression.db import create_engine, migrate
 from progression.eventlog import (
-    DealSummary,
     EventLog,
-    NewEvent,
     RecordedEvent,
-    StreamWrite,
 )
 from progression.replay import (
     ReplayFailed,
@@ -46,6 +42,7 @@ from progression.replay import (
 )
 from progression.service import Service
 from progression.settings import load_settings
+from tests.eventlog_support import LogWriter
 
 from .progression_support import happy_path
 from .test_relay import (
@@ -68,7 +65,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 3
 COMMAND_TIMEOUT_S = 120
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 # -- helpers shared with the fault tests ---------------------------------------
@@ -159,39 +155,6 @@ def relay_partition(deal_id: str, partitions: int) -> int:
 
 def deduplicated(messages: Sequence[Message]) -> set[tuple[str, int]]:
     return {(m.value["deal_id"], m.value["stream_version"]) for m in messages}
-
-
-class LogWriter:
-    """Appends rounds of events to many deal streams at once, past ingestion."""
-
-    def __init__(self, log: EventLog, deals: int) -> None:
-        self.log = log
-        prefix = uuid.uuid4().hex[:6]
-        self.versions = {f"deal-{prefix}-{n}": 0 for n in range(deals)}
-
-    def append_round(self, per_deal: int) -> None:
-        writes = []
-        for deal_id, version in self.versions.items():
-            new = [
-                NewEvent(
-                    event_id=f"{deal_id}-{version + k}",
-                    type="email.opened",
-                    deal_id=deal_id,
-                    occurred_at=T0,
-                    data={"n": version + k},
-                    digest="ab" * 32,
-                )
-                for k in range(1, per_deal + 1)
-            ]
-            summary = DealSummary(
-                deal_id,
-                0,
-                "pending",
-                *([None] * 10),  # set by the log
-            )
-            writes.append(StreamWrite(deal_id, version, new, summary))
-            self.versions[deal_id] = version + per_deal
-        self.log.append(writes)
 
 
 # -- fixtures ------------------------------------------------------------------
